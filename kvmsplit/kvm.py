@@ -213,8 +213,12 @@ class Kvm:
 
     vcpus: list[KvmVcpu] = attrs.field(factory=list)
     stat: KvmVmStat = attrs.field(factory=KvmVmStat)
-    # Model: why a flush is owed; KVM must pay it before dropping mmu_lock.
+    # Model: why a flush is owed.  KVM must pay `tlb_flush_debt` before
+    # dropping mmu_lock, and the dirty-logging debts (W or D cleared for
+    # dirty logging) before returning to userspace.
     tlb_flush_debt: list[str] = attrs.field(factory=list)
+    tlb_flush_debt_deferred: list[str] = attrs.field(factory=list)
+    model_unflushed_huge_drops: int = 0
     # Model: callbacks run at every point where KVM drops mmu_lock.
     unlock_hooks: list[Callable[[Kvm, str], None]] = attrs.field(factory=list)
     # Model: callbacks run at every remote TLB flush (for traces and checks).
@@ -308,6 +312,7 @@ class Kvm:
         for v in self.vcpus:
             v.tlb.flush_all()
         self.tlb_flush_debt.clear()
+        self.tlb_flush_debt_deferred.clear()
         for hook in self.flush_hooks:
             hook(self, reason)
 
@@ -318,9 +323,10 @@ class Kvm:
     def kvm_flush_remote_tlbs_memslot(self, slot: KvmMemorySlot, reason: str = "") -> None:
         self.kvm_flush_remote_tlbs_range(slot.base_gfn, slot.npages, reason or f"memslot {slot.id}")
 
-    def owe_flush(self, reason: str) -> None:
-        """Model: record that a TLB flush is required before mmu_lock is dropped."""
-        self.tlb_flush_debt.append(reason)
+    def owe_flush(self, reason: str, deferred: bool = False) -> None:
+        """Model: record that a TLB flush is required before mmu_lock is
+        dropped, or (@deferred, dirty logging) before returning to userspace."""
+        (self.tlb_flush_debt_deferred if deferred else self.tlb_flush_debt).append(reason)
 
     def mmu_unlock(self, where: str) -> None:
         """Model: KVM drops mmu_lock at @where; run the release-point checks."""

@@ -884,10 +884,10 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(kvm: Kvm, slot: KvmMemorySlot, gfn_o
         end = slot.base_gfn + gfn_offset + (mask.bit_length() - 1)
         if kvm.eager_page_split:
             split.kvm_mmu_try_split_huge_pages(kvm, slot, start, end + 1, PG_LEVEL_4K)
-        kvm_mmu_slot_gfn_write_protect(kvm, slot, start, 2)
+        kvm_mmu_slot_gfn_write_protect(kvm, slot, start, 2, deferred=True)
         # Write-protect the end's huge page too when it is a different one.
         if _align_up(start << PAGE_SHIFT, 1 << 21) != _align_up(end << PAGE_SHIFT, 1 << 21):
-            kvm_mmu_slot_gfn_write_protect(kvm, slot, end, 2)
+            kvm_mmu_slot_gfn_write_protect(kvm, slot, end, 2, deferred=True)
     if kvm.config.cpu_dirty_log_size:
         kvm_mmu_clear_dirty_pt_masked(kvm, slot, gfn_offset, mask)
     else:
@@ -898,8 +898,8 @@ def _align_up(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def kvm_mmu_slot_gfn_write_protect(kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int) -> bool:
-    return shadow_mmu.kvm_mmu_slot_gfn_write_protect(kvm, slot, gfn, min_level)
+def kvm_mmu_slot_gfn_write_protect(kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int, deferred: bool = False) -> bool:
+    return shadow_mmu.kvm_mmu_slot_gfn_write_protect(kvm, slot, gfn, min_level, deferred)
 
 
 def kvm_mmu_zap_collapsible_spte(kvm: Kvm, rmap_head, slot: KvmMemorySlot, gfn: int, level: int) -> bool:  # type: ignore[no-untyped-def]

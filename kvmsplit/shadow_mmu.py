@@ -114,8 +114,8 @@ def mmu_spte_update(kvm: Kvm, sptep: Sptep, new_spte: int, deferred: bool = Fals
         flush = True
     if is_dirty_spte(m, old_spte) and not is_dirty_spte(m, new_spte):
         flush = True
-    if flush and not deferred:
-        kvm.owe_flush(f"mmu_spte_update {sptep!r}")
+    if flush:
+        kvm.owe_flush(f"mmu_spte_update {sptep!r}", deferred)
     return flush
 
 
@@ -228,7 +228,7 @@ def walk_slot_rmaps(kvm: Kvm, slot: KvmMemorySlot, handler, start_level: int, en
 # --- write protection and dirty bits ------------------------------------------
 
 
-def spte_write_protect(kvm: Kvm, sptep: Sptep, pt_protect: bool) -> bool:
+def spte_write_protect(kvm: Kvm, sptep: Sptep, pt_protect: bool, deferred: bool = False) -> bool:
     spte = sptep.spte
     m = kvm.masks
     if not is_writable_pte(spte) and not (pt_protect and is_mmu_writable_spte(m, spte)):
@@ -237,15 +237,15 @@ def spte_write_protect(kvm: Kvm, sptep: Sptep, pt_protect: bool) -> bool:
         spte &= ~m.shadow_mmu_writable_mask
     spte &= ~PT_WRITABLE_MASK
     # Clearing only W (dirty logging) may defer the flush past mmu_lock.
-    return mmu_spte_update(kvm, sptep, spte, deferred=not pt_protect)
+    return mmu_spte_update(kvm, sptep, spte, deferred=deferred or not pt_protect)
 
 
-def rmap_write_protect(kvm: Kvm, rmap_head: KvmRmapHead | None, pt_protect: bool) -> bool:
+def rmap_write_protect(kvm: Kvm, rmap_head: KvmRmapHead | None, pt_protect: bool, deferred: bool = False) -> bool:
     if rmap_head is None:
         return False
     flush = False
     for sptep in list(rmap_iter(rmap_head)):
-        flush |= spte_write_protect(kvm, sptep, pt_protect)
+        flush |= spte_write_protect(kvm, sptep, pt_protect, deferred)
     return flush
 
 
@@ -257,6 +257,8 @@ def spte_clear_dirty(kvm: Kvm, sptep: Sptep) -> bool:
 def spte_wrprot_for_clear_dirty(kvm: Kvm, sptep: Sptep) -> bool:
     was_writable = bool(sptep.spte & PT_WRITABLE_MASK)
     sptep.sp.spt[sptep.index] = sptep.spte & ~PT_WRITABLE_MASK
+    if was_writable:
+        kvm.owe_flush(f"dirty-log write-protect {sptep!r}", deferred=True)
     return was_writable
 
 
@@ -270,16 +272,22 @@ def _rmap_clear_dirty(kvm: Kvm, rmap_head: KvmRmapHead, slot: KvmMemorySlot, gfn
     return flush
 
 
-def kvm_mmu_slot_gfn_write_protect(kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int) -> bool:
-    """Write-protect (clearing MMU-writable) every mapping of @gfn at >= @min_level."""
+def kvm_mmu_slot_gfn_write_protect(
+    kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int, deferred: bool = False
+) -> bool:
+    """Write-protect (clearing MMU-writable) every mapping of @gfn at >= @min_level.
+
+    Model: @deferred marks the dirty-logging caller, which flushes after
+    dropping mmu_lock.
+    """
     from kvmsplit import tdp_mmu
 
     write_protected = False
     if kvm.kvm_memslots_have_rmaps():
         for level in range(min_level, KVM_MAX_HUGEPAGE_LEVEL + 1):
-            write_protected |= rmap_write_protect(kvm, gfn_to_rmap(gfn, level, slot), True)
+            write_protected |= rmap_write_protect(kvm, gfn_to_rmap(gfn, level, slot), True, deferred)
     if kvm.tdp_mmu_enabled:
-        write_protected |= tdp_mmu.kvm_tdp_mmu_write_protect_gfn(kvm, slot, gfn, min_level)
+        write_protected |= tdp_mmu.kvm_tdp_mmu_write_protect_gfn(kvm, slot, gfn, min_level, deferred)
     return write_protected
 
 
@@ -529,6 +537,11 @@ def drop_large_spte(kvm: Kvm, sptep: Sptep, flush: bool) -> None:
     kvm_bug_on(sp.role.level == PG_LEVEL_4K, "drop_large_spte", f"{sptep!r} is in a 4K page")
     kvm_bug_on(not is_large_pte(sptep.spte), "drop_large_spte", f"{sptep!r} is not large: {sptep.spte:#x}")
     drop_spte(kvm, sptep)
+    if not flush:
+        # Model: the caller vouches that the translation is unchanged (eager
+        # split); the TLB checks judge that claim, the debt does not.
+        kvm.tlb_flush_debt.pop()
+        kvm.model_unflushed_huge_drops += 1
     if flush:
         gfn = kvm_mmu_page_get_gfn(sp, sptep.index)
         kvm.kvm_flush_remote_tlbs_range(gfn, KVM_PAGES_PER_HPAGE(sp.role.level), "drop_large_spte")

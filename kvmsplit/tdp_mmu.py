@@ -393,6 +393,7 @@ def wrprot_gfn_range(kvm: Kvm, root: KvmMmuPage, start: int, end: int, min_level
                 break
             if tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~PT_WRITABLE_MASK):
                 continue
+            kvm.owe_flush(f"tdp dirty-log write-protect gfn {it.gfn:#x}", deferred=True)
             spte_set = True
             break
     return spte_set
@@ -420,6 +421,7 @@ def clear_dirty_gfn_range(kvm: Kvm, root: KvmMmuPage, start: int, end: int) -> b
                 break
             if tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~dbit):
                 continue
+            kvm.owe_flush(f"tdp clear dirty gfn {it.gfn:#x}", deferred=True)
             spte_set = True
             break
     return spte_set
@@ -448,9 +450,10 @@ def kvm_tdp_mmu_clear_dirty_pt_masked(kvm: Kvm, slot: KvmMemorySlot, gfn: int, m
                 continue
             # tdp_mmu_clear_spte_bits(): no handle_changed_spte() for a bit clear.
             it.sptep.sp.spt[it.sptep.index] = it.old_spte & ~dbit
+            kvm.owe_flush(f"tdp masked clear gfn {it.gfn:#x}", deferred=True)
 
 
-def write_protect_gfn(kvm: Kvm, root: KvmMmuPage, gfn: int, min_level: int) -> bool:
+def write_protect_gfn(kvm: Kvm, root: KvmMmuPage, gfn: int, min_level: int, deferred: bool = False) -> bool:
     spte_set = False
     m = kvm.masks
     for it in for_each_tdp_pte_min_level(kvm, root, min_level, gfn, gfn + 1):
@@ -460,15 +463,17 @@ def write_protect_gfn(kvm: Kvm, root: KvmMmuPage, gfn: int, min_level: int) -> b
         if new_spte == it.old_spte:
             break
         tdp_mmu_iter_set_spte(kvm, it, new_spte)
-        kvm.owe_flush(f"tdp write-protect gfn {gfn:#x}")
+        kvm.owe_flush(f"tdp write-protect gfn {gfn:#x}", deferred)
         spte_set = True
     return spte_set
 
 
-def kvm_tdp_mmu_write_protect_gfn(kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int) -> bool:
+def kvm_tdp_mmu_write_protect_gfn(
+    kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int, deferred: bool = False
+) -> bool:
     spte_set = False
     for root in tdp_mmu_roots(kvm, only_valid=True):
-        spte_set |= write_protect_gfn(kvm, root, gfn, min_level)
+        spte_set |= write_protect_gfn(kvm, root, gfn, min_level, deferred)
     return spte_set
 
 

@@ -1,0 +1,467 @@
+"""Named whole-state invariants of the reference MMU (kernel-brief section 13).
+
+Each function states one fact about a `Kvm`, names the kernel function that
+relies on it, and the mutant in models/mutants/ that breaks it.  They walk
+only what exists (live page tables, populated rmaps, cached TLB entries),
+never all of guest memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from kvmsplit.kvm import Kvm
+from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, gfn_to_index, gfn_to_rmap
+from kvmsplit.mmu_page import (
+    KVM_MMU_HASH_SHIFT,
+    KvmMmuPage,
+    hash_64,
+    kvm_mmu_child_role,
+    kvm_mmu_page_get_gfn,
+    sp_has_gptes,
+)
+from kvmsplit.rmap import Sptep, pte_list_count, pte_list_desc_shape_ok, rmap_iter
+from kvmsplit.shadow_mmu import is_obsolete_sp
+from kvmsplit.spte import (
+    ACC_WRITE_MASK,
+    KVM_HPAGE_GFN_SHIFT,
+    KVM_PAGES_PER_HPAGE,
+    PAGE_SHIFT,
+    PG_LEVEL_4K,
+    PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
+    SPTE_ENT_PER_PAGE,
+    is_executable_pte,
+    is_last_spte,
+    is_mmio_spte,
+    is_mmu_writable_spte,
+    is_removed_spte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    spte_access,
+    spte_ad_enabled,
+    spte_to_pfn,
+    spte_writable_triad_holds,
+)
+
+from .registry import fail, invariant
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def live_pages(kvm: Kvm) -> list[KvmMmuPage]:
+    """Every page table that exists: shadow pages not yet freed and linked TDP tables."""
+    return list(kvm.sp_by_pfn.values())
+
+
+def sptes(sp: KvmMmuPage) -> Iterator[tuple[int, int]]:
+    spt = sp.spt
+    for i in range(SPTE_ENT_PER_PAGE):
+        spte = spt[i]
+        if spte:
+            yield i, spte
+
+
+def present_leaves(kvm: Kvm) -> Iterator[tuple[KvmMmuPage, int, int]]:
+    for sp in live_pages(kvm):
+        level = sp.role.level
+        for i, spte in sptes(sp):
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                yield sp, i, spte
+
+
+def leaf_gfn_range(sp: KvmMmuPage, index: int) -> tuple[int, int]:
+    base = kvm_mmu_page_get_gfn(sp, index)
+    return base, base + KVM_PAGES_PER_HPAGE(sp.role.level)
+
+
+# --- SPTE level ------------------------------------------------------------------
+
+
+@invariant(kernel="check_spte_writable_invariants()", mutant="mutants/split_drops_mmu_writable")
+def leaf_spte_writable_triad(kvm: Kvm) -> None:
+    """Every present leaf: W implies MMU-writable, and MMU-writable implies Host-writable."""
+    for sp, i, spte in present_leaves(kvm):
+        if not spte_writable_triad_holds(kvm.masks, spte):
+            fail("leaf_spte_writable_triad", f"{sp!r}[{i}] = {spte:#x} breaks W => MMU-writable => Host-writable")
+
+
+@invariant(kernel="make_nonleaf_spte(), kvm_mmu_child_role()", mutant="mutants/split_child_wrong_level")
+def nonleaf_spte_points_at_child_table(kvm: Kvm) -> None:
+    """A present non-leaf SPTE is never PS, grants all access, and points at a live table one level down."""
+    m = kvm.masks
+    for sp in live_pages(kvm):
+        level = sp.role.level
+        for i, spte in sptes(sp):
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                continue
+            if spte & PT_PAGE_SIZE_MASK:
+                fail("nonleaf_spte_points_at_child_table", f"{sp!r}[{i}] non-leaf has PS: {spte:#x}")
+            if not (spte & PT_WRITABLE_MASK and spte & m.shadow_user_mask and is_executable_pte(m, spte)):
+                fail("nonleaf_spte_points_at_child_table", f"{sp!r}[{i}] non-leaf is not ACC_ALL: {spte:#x}")
+            child = kvm.sp_by_pfn.get(spte_to_pfn(spte))
+            if child is None:
+                fail("nonleaf_spte_points_at_child_table", f"{sp!r}[{i}] points at no live table: {spte:#x}")
+                return
+            if child.role.level != level - 1:
+                fail("nonleaf_spte_points_at_child_table", f"{sp!r}[{i}] points at level {child.role.level} {child!r}")
+
+
+@invariant(kernel="is_shadow_present_pte(), make_mmio_spte(), REMOVED_SPTE", mutant="mutants/mmio_spte_present")
+def only_present_leaves_or_mmio_in_tables(kvm: Kvm) -> None:
+    """Between operations no SPTE is frozen, and a non-present SPTE is zero or an MMIO SPTE."""
+    m = kvm.masks
+    for sp in live_pages(kvm):
+        for i, spte in sptes(sp):
+            if is_removed_spte(spte):
+                fail("only_present_leaves_or_mmio_in_tables", f"{sp!r}[{i}] is left frozen")
+            if not is_shadow_present_pte(spte) and not is_mmio_spte(m, spte):
+                fail("only_present_leaves_or_mmio_in_tables", f"{sp!r}[{i}] holds junk {spte:#x}")
+
+
+@invariant(kernel="make_spte(), make_huge_page_split_spte()", mutant="mutants/split_keeps_ps_at_4k")
+def leaf_size_matches_level(kvm: Kvm) -> None:
+    """A 4K leaf has no PS bit; a leaf above 4K has it."""
+    for sp, i, spte in present_leaves(kvm):
+        if sp.role.level == PG_LEVEL_4K and spte & PT_PAGE_SIZE_MASK:
+            fail("leaf_size_matches_level", f"4K leaf {sp!r}[{i}] has PS: {spte:#x}")
+
+
+@invariant(kernel="make_spte() (NX huge page mitigation)", mutant="mutants/split_exec_at_2m")
+def nx_huge_page_not_executable(kvm: Kvm) -> None:
+    """With the NX huge page mitigation, no present leaf above 4K is executable."""
+    if not kvm.is_nx_huge_page_enabled():
+        return
+    for sp, i, spte in present_leaves(kvm):
+        if sp.role.level > PG_LEVEL_4K and is_executable_pte(kvm.masks, spte):
+            fail("nx_huge_page_not_executable", f"huge leaf {sp!r}[{i}] is executable: {spte:#x}")
+
+
+@invariant(kernel="make_spte(), kvm_mmu_slot_apply_flags()", mutant="mutants/split_failure_left_writable")
+def dirty_logged_slot_has_no_writable_huge_leaf(kvm: Kvm) -> None:
+    """No writable leaf above 4K maps a gfn of a dirty-logged slot (initially-set mode excepted)."""
+    if kvm.kvm_dirty_log_manual_protect_and_init_set():
+        return
+    for sp, i, spte in present_leaves(kvm):
+        if sp.role.level == PG_LEVEL_4K or not is_writable_pte(spte):
+            continue
+        start, end = leaf_gfn_range(sp, i)
+        for slot in kvm.memslots.values():
+            if slot.flags & KVM_MEM_LOG_DIRTY_PAGES and start < slot.end_gfn and slot.base_gfn < end:
+                fail(
+                    "dirty_logged_slot_has_no_writable_huge_leaf",
+                    f"writable level-{sp.role.level} leaf {sp!r}[{i}] maps gfn {start:#x} in dirty-logged slot {slot.id}",
+                )
+
+
+# --- shadow page structure -----------------------------------------------------------
+
+
+@invariant(kernel="kvm_mmu_find_shadow_page(), kvm_mmu_alloc_shadow_page()", mutant="mutants/split_ignores_hash")
+def shadow_page_hash_unique(kvm: Kvm) -> None:
+    """At most one valid shadow page per (gfn, role), each in bucket hash_64(gfn, 12)."""
+    seen: dict[tuple[int, int], KvmMmuPage] = {}
+    for bucket_id, bucket in kvm.mmu_page_hash.items():
+        for sp in bucket:
+            if hash_64(sp.gfn, KVM_MMU_HASH_SHIFT) != bucket_id:
+                fail("shadow_page_hash_unique", f"{sp!r} sits in bucket {bucket_id}")
+            if is_obsolete_sp(kvm, sp):
+                continue
+            key = (sp.gfn, sp.role.word)
+            if key in seen:
+                fail("shadow_page_hash_unique", f"{sp!r} duplicates {seen[key]!r}")
+            seen[key] = sp
+    for sp in kvm.active_mmu_pages:
+        if sp not in kvm.mmu_page_hash.get(hash_64(sp.gfn, KVM_MMU_HASH_SHIFT), []):
+            fail("shadow_page_hash_unique", f"active {sp!r} is not hashed")
+
+
+@invariant(kernel="kvm_mmu_page_get_gfn(), kvm_mmu_page_set_translation()", mutant="mutants/split_pfn_offset_wrong_level")
+def direct_page_gfn_aligned(kvm: Kvm) -> None:
+    """A direct page's gfn is aligned to the span it maps (512^level pages)."""
+    for sp in live_pages(kvm):
+        if sp.role.direct and not sp.role.invalid:
+            span = KVM_PAGES_PER_HPAGE(sp.role.level + 1) if sp.role.level < 5 else 1 << 36
+            if sp.gfn % span:
+                fail("direct_page_gfn_aligned", f"{sp!r} gfn is not aligned to {span:#x}")
+
+
+@invariant(kernel="kvm_mmu_child_role(), tdp_mmu_init_child_sp()", mutant="mutants/split_child_indirect")
+def child_role_matches_parent(kvm: Kvm) -> None:
+    """A linked child's role is the parent's child role for that entry, and a direct child maps the entry's gfn."""
+    for sp in live_pages(kvm):
+        level = sp.role.level
+        for i, spte in sptes(sp):
+            if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
+                continue
+            child = kvm.sp_by_pfn.get(spte_to_pfn(spte))
+            if child is None:
+                continue  # nonleaf_spte_points_at_child_table reports it
+            if sp.tdp_mmu_page:
+                want = sp.role.evolve(level=level - 1)
+                gfn = sp.gfn + i * KVM_PAGES_PER_HPAGE(level)
+            else:
+                want = kvm_mmu_child_role(sp, i, child.role.direct, child.role.access)
+                gfn = kvm_mmu_page_get_gfn(sp, i) if child.role.direct else child.gfn
+            got = child.role.evolve(invalid=sp.role.invalid) if not child.role.invalid else child.role
+            if got.word != want.word:
+                fail("child_role_matches_parent", f"{sp!r}[{i}] -> {child!r}, expected {want!r}")
+            if child.role.direct and child.gfn != gfn:
+                fail("child_role_matches_parent", f"{sp!r}[{i}] -> {child!r}, expected gfn {gfn:#x}")
+
+
+@invariant(kernel="__link_shadow_page(), drop_parent_pte()", mutant="mutants/split_no_parent_pte")
+def parent_ptes_match_links(kvm: Kvm) -> None:
+    """sptep is in C.parent_ptes exactly when *sptep is a present non-leaf pointing at C."""
+    links: dict[int, set[tuple[int, int]]] = {}
+    for sp in live_pages(kvm):
+        if sp.tdp_mmu_page:
+            continue
+        level = sp.role.level
+        for i, spte in sptes(sp):
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                links.setdefault(spte_to_pfn(spte), set()).add((id(sp), i))
+    for sp in live_pages(kvm):
+        if sp.tdp_mmu_page:
+            continue
+        got = {(id(p.sp), p.index) for p in rmap_iter(sp.parent_ptes)}
+        want = links.get(sp.pfn, set())
+        if got != want:
+            fail("parent_ptes_match_links", f"{sp!r} parent_ptes has {len(got)} entries, {len(want)} SPTEs point at it")
+        shape = pte_list_desc_shape_ok(sp.parent_ptes)
+        if shape:
+            fail("parent_ptes_match_links", f"{sp!r} parent_ptes: {shape}")
+
+
+@invariant(kernel="__rmap_add(), rmap_remove(), rmap_get_first()", mutant="mutants/split_no_rmap")
+def rmap_holds_exactly_present_leaves(kvm: Kvm) -> None:
+    """The rmaps hold exactly the present leaf SPTEs of shadow pages, under the gfn and level they map."""
+    want: Counter[tuple[int, int, int, int, int]] = Counter()
+    for sp in live_pages(kvm):
+        if sp.tdp_mmu_page:
+            continue
+        level = sp.role.level
+        for i, spte in sptes(sp):
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
+                gfn = kvm_mmu_page_get_gfn(sp, i)
+                slot = kvm.gfn_to_memslot(gfn)
+                if slot is None:
+                    fail("rmap_holds_exactly_present_leaves", f"{sp!r}[{i}] maps gfn {gfn:#x} outside every slot")
+                    return
+                want[(slot.id, level, gfn_to_index(gfn, slot.base_gfn, level), id(sp), i)] += 1
+    got: Counter[tuple[int, int, int, int, int]] = Counter()
+    for slot in kvm.memslots.values():
+        for level0, heads in enumerate(slot.rmap):
+            for index, head in heads.items():
+                shape = pte_list_desc_shape_ok(head)
+                if shape:
+                    fail("rmap_holds_exactly_present_leaves", f"slot {slot.id} level {level0 + 1} rmap {index}: {shape}")
+                if pte_list_count(head) == 0:
+                    fail("rmap_holds_exactly_present_leaves", f"slot {slot.id} keeps an empty rmap head {index}")
+                for sptep in rmap_iter(head):
+                    got[(slot.id, level0 + 1, index, id(sptep.sp), sptep.index)] += 1
+    if got != want:
+        missing = want - got
+        extra = got - want
+        fail(
+            "rmap_holds_exactly_present_leaves",
+            f"{sum(missing.values())} present leaves missing from rmaps, {sum(extra.values())} rmap entries not present leaves",
+        )
+
+
+@invariant(kernel="mmu_try_to_unsync_pages(), kvm_sync_page_check()", mutant="mutants/unsync_huge_allowed")
+def no_unsync_huge_sp(kvm: Kvm) -> None:
+    """Only indirect 4K pages that shadow guest PTEs can be unsync."""
+    for sp in live_pages(kvm):
+        if sp.unsync and (sp.role.direct or not sp_has_gptes(sp) or sp.role.level != PG_LEVEL_4K):
+            fail("no_unsync_huge_sp", f"{sp!r} is unsync")
+
+
+@invariant(kernel="mark_unsync(), clear_unsync_child_bit()", mutant="mutants/unsync_no_parent_mark")
+def unsync_children_counted(kvm: Kvm) -> None:
+    """unsync_children counts the child bitmap, and an unsync page is marked in every parent."""
+    for sp in live_pages(kvm):
+        if sp.tdp_mmu_page:
+            continue
+        if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
+            fail("unsync_children_counted", f"{sp!r} unsync_children={sp.unsync_children} bitmap={sp.unsync_child_bitmap:#x}")
+        if sp.unsync or sp.unsync_children:
+            for p in rmap_iter(sp.parent_ptes):
+                if not p.sp.unsync_child_bitmap & (1 << p.index):
+                    fail("unsync_children_counted", f"{sp!r} is unsync below {p!r} but the parent bit is clear")
+
+
+@invariant(kernel="account_shadowed(), __kvm_write_track_add_gfn(), mmu_try_to_unsync_pages()", mutant="mutants/split_ignores_write_track")
+def shadowed_gfns_write_protected(kvm: Kvm) -> None:
+    """Upper-level guest tables are write-tracked once each; no writable SPTE maps a tracked gfn or a synced 4K guest table."""
+    if not kvm.shadow_root_allocated and kvm.config.tdp_enabled:
+        return
+    tracked: Counter[int] = Counter()
+    synced_4k: set[int] = set()
+    accounted = 0
+    for sp in live_pages(kvm):
+        if sp.tdp_mmu_page or sp.role.invalid or not sp_has_gptes(sp):
+            continue
+        accounted += 1
+        if sp.role.level > PG_LEVEL_4K:
+            tracked[sp.gfn] += 1
+        elif not sp.unsync:
+            synced_4k.add(sp.gfn)
+    if accounted != kvm.indirect_shadow_pages:
+        fail("shadowed_gfns_write_protected", f"indirect_shadow_pages={kvm.indirect_shadow_pages}, {accounted} accounted pages")
+    for slot in kvm.memslots.values():
+        for index, count in slot.gfn_write_track.items():
+            gfn = slot.base_gfn + index
+            if count != tracked.get(gfn, 0):
+                fail("shadowed_gfns_write_protected", f"gfn {gfn:#x} write-track count {count}, {tracked.get(gfn, 0)} upper-level pages")
+    for gfn, n in tracked.items():
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is not None and slot.gfn_write_track.get(gfn - slot.base_gfn, 0) != n:
+            fail("shadowed_gfns_write_protected", f"gfn {gfn:#x} is shadowed above 4K but not write-tracked")
+    protected = set(tracked) | synced_4k
+    if not protected:
+        return
+    for sp, i, spte in present_leaves(kvm):
+        if not is_writable_pte(spte):
+            continue
+        start, end = leaf_gfn_range(sp, i)
+        hit = next((g for g in protected if start <= g < end), None)
+        if hit is not None:
+            fail("shadowed_gfns_write_protected", f"writable {sp!r}[{i}] maps shadowed guest table gfn {hit:#x}")
+
+
+# --- accounting ---------------------------------------------------------------------------
+
+
+@invariant(kernel="kvm_account_mmu_page(), kvm_unaccount_mmu_page(), tdp_account_mmu_page()", mutant="mutants/split_no_account")
+def mmu_pages_accounted(kvm: Kvm) -> None:
+    """n_used_mmu_pages counts shadow pages not yet zapped (and zapped roots still referenced); tdp_mmu_pages counts linked TDP tables."""
+    shadow = [sp for sp in live_pages(kvm) if not sp.tdp_mmu_page]
+    used = len(kvm.active_mmu_pages) + sum(1 for sp in shadow if sp.role.invalid and sp.root_count)
+    if used != kvm.n_used_mmu_pages:
+        fail("mmu_pages_accounted", f"n_used_mmu_pages={kvm.n_used_mmu_pages}, {used} accounted pages")
+    tdp = sum(1 for sp in live_pages(kvm) if sp.tdp_mmu_page and sp not in kvm.tdp_mmu_roots)
+    if tdp != kvm.tdp_mmu_pages:
+        fail("mmu_pages_accounted", f"tdp_mmu_pages={kvm.tdp_mmu_pages}, {tdp} linked TDP tables")
+
+
+@invariant(kernel="kvm_update_page_stats()", mutant="mutants/split_stats_off_by_one")
+def page_stats_count_present_leaves(kvm: Kvm) -> None:
+    """pages_4k, pages_2m and pages_1g equal the present leaf SPTEs at each level, over both MMUs."""
+    count = [0, 0, 0]
+    for sp, _, _ in present_leaves(kvm):
+        if sp.role.level <= 3:
+            count[sp.role.level - 1] += 1
+    if count != kvm.stat.pages:
+        fail("page_stats_count_present_leaves", f"stats pages={kvm.stat.pages}, present leaves {count}")
+
+
+@invariant(kernel="kvm_zap_obsolete_pages(), kvm_mmu_commit_zap_page()", mutant="mutants/zap_keeps_page")
+def live_pages_are_reachable(kvm: Kvm) -> None:
+    """Every live page table is a root, on the active list, or linked from a parent."""
+    linked: set[int] = set()
+    for sp in live_pages(kvm):
+        level = sp.role.level
+        for _, spte in sptes(sp):
+            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+                linked.add(spte_to_pfn(spte))
+    for sp in live_pages(kvm):
+        if sp.root_count or sp in kvm.active_mmu_pages or sp.pfn in linked or sp in kvm.tdp_mmu_roots:
+            continue
+        fail("live_pages_are_reachable", f"{sp!r} is neither a root, active nor linked")
+
+
+# --- TLBs ------------------------------------------------------------------------------------
+
+
+def _region_allowed(kvm: Kvm, sp: KvmMmuPage, addr: int, size_pages: int, pfn: int, access: int, dirty: bool, strict: bool) -> str | None:
+    """Is every page of the cached region [addr, +size_pages) mapped by @sp's subtree as cached?"""
+    m = kvm.masks
+    level = sp.role.level
+    span = KVM_PAGES_PER_HPAGE(level)
+    first = ((addr >> PAGE_SHIFT) >> KVM_HPAGE_GFN_SHIFT(level)) & 511
+    n = max(1, size_pages // span)
+    for k in range(n):
+        i = first + k
+        entry_page = ((addr >> PAGE_SHIFT) & ~(span * 512 - 1)) + i * span if level < 5 else i * span
+        entry_page = ((addr >> PAGE_SHIFT) >> KVM_HPAGE_GFN_SHIFT(level + 1) << KVM_HPAGE_GFN_SHIFT(level + 1)) + i * span
+        spte = sp.spt[i]
+        if not is_shadow_present_pte(spte):
+            return f"page {entry_page << PAGE_SHIFT:#x} is cached but its SPTE in {sp!r}[{i}] is not present"
+        want_pfn = pfn + (entry_page - (addr >> PAGE_SHIFT)) if size_pages > span else pfn
+        if is_last_spte(spte, level):
+            base = spte_to_pfn(spte)
+            if size_pages >= span:
+                if base != want_pfn:
+                    return f"{sp!r}[{i}] maps pfn {base:#x}, the TLB caches {want_pfn:#x}"
+            else:
+                offset = (addr >> PAGE_SHIFT) & (span - 1)
+                if base + offset != pfn:
+                    return f"{sp!r}[{i}] maps pfn {base + offset:#x}, the TLB caches {pfn:#x}"
+            granted = spte_access(m, spte)
+            missing = access & ~granted
+            if missing == ACC_WRITE_MASK and not strict and is_mmu_writable_spte(m, spte):
+                missing = 0  # dirty-logging W clear, flushed before returning to userspace
+            if missing:
+                return f"{sp!r}[{i}] = {spte:#x} no longer grants {missing:#x} that the TLB caches"
+            if strict and dirty and m.shadow_dirty_mask and spte_ad_enabled(spte) and not spte & m.shadow_dirty_mask:
+                return f"{sp!r}[{i}] = {spte:#x} is clean but the TLB caches it dirty"
+            continue
+        child = kvm.sp_by_pfn.get(spte_to_pfn(spte))
+        if child is None:
+            return f"{sp!r}[{i}] points at a freed table"
+        sub_addr = entry_page << PAGE_SHIFT if size_pages > span else addr
+        sub_pages = span if size_pages > span else size_pages
+        err = _region_allowed(kvm, child, sub_addr, sub_pages, want_pfn, access, dirty, strict)
+        if err:
+            return err
+    return None
+
+
+def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
+    for vcpu in kvm.vcpus:
+        for ctx in (vcpu.root_mmu, vcpu.guest_mmu):
+            root = ctx.root
+            # An obsolete root is reloaded, with a TLB flush, before the vCPU runs again.
+            if root is None or is_obsolete_sp(kvm, root):
+                continue
+            for (name, level, frame), entry in vcpu.tlb.leaves.items():
+                if name != ctx.name:
+                    continue
+                addr = frame << (PAGE_SHIFT + KVM_HPAGE_GFN_SHIFT(level))
+                err = _region_allowed(
+                    kvm, root, addr, KVM_PAGES_PER_HPAGE(level), entry.pfn, entry.access, entry.dirty, strict
+                )
+                if err:
+                    fail(
+                        "tlb_translations_allowed" if strict else "tlb_translations_allowed_at_unlock",
+                        f"vcpu {vcpu.vcpu_id} {ctx.name} caches a level-{level} translation at {addr:#x}: {err}",
+                    )
+
+
+@invariant(kernel="kvm_flush_remote_tlbs() before returning to userspace", mutant="mutants/split_no_flush_on_nonleaf_reuse", kind="return")
+def tlb_translations_allowed_strict(kvm: Kvm) -> None:
+    """When an ioctl returns, every translation a vCPU TLB caches is allowed by the SPTEs, dirty bits included."""
+    tlb_translations_allowed(kvm, strict=True)
+
+
+@invariant(kernel="flush before dropping mmu_lock (spte.h, kvm_mmu_commit_zap_page())", mutant="mutants/split_no_flush_on_nonleaf_reuse", kind="unlock")
+def tlb_translations_allowed_at_unlock(kvm: Kvm) -> None:
+    """Whenever mmu_lock is dropped, every cached translation is allowed by the SPTEs (dirty-logging W clears excepted)."""
+    tlb_translations_allowed(kvm, strict=False)
+
+
+@invariant(kernel="kvm_flush_remote_tlbs() before releasing mmu_lock", mutant="mutants/zap_without_flush", kind="unlock")
+def flush_debt_paid_at_unlock(kvm: Kvm) -> None:
+    """No zap, unlink or MMU-writable clear is left unflushed when mmu_lock is dropped."""
+    if kvm.tlb_flush_debt:
+        fail("flush_debt_paid_at_unlock", f"{len(kvm.tlb_flush_debt)} unflushed changes, first: {kvm.tlb_flush_debt[0]}")
+
+
+@invariant(kernel="kvm_flush_remote_tlbs_memslot() before the ioctl returns", mutant="mutants/dirty_log_no_flush", kind="return")
+def flush_debt_paid_at_return(kvm: Kvm) -> None:
+    """No change that needs a TLB flush, dirty-logging ones included, is left unflushed when an ioctl returns."""
+    debt = kvm.tlb_flush_debt + kvm.tlb_flush_debt_deferred
+    if debt:
+        fail("flush_debt_paid_at_return", f"{len(debt)} unflushed changes, first: {debt[0]}")
