@@ -66,10 +66,8 @@ class GptFormat:
                 | (ACC_USER_MASK if gpte & VMX_EPT_READABLE_MASK else 0)
             )
         access = gpte & (PT_WRITABLE_MASK | PT_USER_MASK | PT_PRESENT_MASK)
-        # Bit 0 (P) becomes ACC_EXEC_MASK unless NX is set.
-        if gpte & PT64_NX_MASK:
-            access &= ~ACC_EXEC_MASK
-        return access
+        # Bit 0 (P) becomes ACC_EXEC_MASK, flipped by NX.
+        return access ^ ((gpte & PT64_NX_MASK) >> 63)
 
     def is_last_gpte(self, level: int, gpte: int) -> bool:
         return level == PG_LEVEL_4K or bool(gpte & PT_PAGE_SIZE_MASK)

@@ -50,6 +50,9 @@ class HostMm:
             raise HarnessError(f"host backing policy {policy!r} is not one of {sorted(HOST_POLICIES)}")
         if start % 4096 or size % 4096 or size <= 0:
             raise HarnessError(f"host VMA at hva {start:#x} size {size:#x} is not page aligned")
+        align = {"hugetlb-2m": 1 << 21, "hugetlb-1g": 1 << 30}.get(policy, 4096)
+        if start % align or size % align:
+            raise HarnessError(f"host VMA at hva {start:#x} size {size:#x} is not aligned to its {policy} pages")
         for v in self.vmas:
             if start < v.end and v.start < start + size:
                 raise HarnessError(f"host VMA at hva {start:#x} overlaps the VMA at {v.start:#x}")

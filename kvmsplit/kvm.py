@@ -43,7 +43,8 @@ KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 # Model: shadow and TDP page table pages get frame numbers from their own pool,
 # far above guest memory, so a non-leaf SPTE's pfn never aliases guest memory.
-SP_PFN_BASE = 1 << 36
+# Both pools stay below the 46-bit host physical address space (spte.py).
+SP_PFN_BASE = 1 << 32
 
 MMU_CONFIGS = ("tdp", "tdp-legacy", "shadow")
 

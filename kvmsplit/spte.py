@@ -82,9 +82,13 @@ VMX_EPT_DIRTY_BIT = 1 << 9
 VMX_EPT_MISCONFIG_WX_VALUE = VMX_EPT_WRITABLE_MASK | VMX_EPT_EXECUTABLE_MASK
 MTRR_TYPE_WRBACK = 6
 
-# Model: the host has 52 physical address bits and no memory encryption, so
-# SPTE_BASE_ADDR_MASK is bits 12..51 and shadow_me_value is 0.
+# SPTE_BASE_ADDR_MASK is bits 12..51 (no CONFIG_DYNAMIC_PHYSICAL_MASK).
+# Model: the host has 46 physical address bits (so the non-EPT MMIO value
+# may use reserved bit 51, as kvm_mmu_reset_all_pte_masks() does when
+# shadow_phys_bits < 52) and no memory encryption (shadow_me_value is 0).
 SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)
+MODEL_HOST_PHYS_BITS = 46
+MODEL_MAX_PFN = 1 << (MODEL_HOST_PHYS_BITS - PAGE_SHIFT)
 
 # The value a TDP MMU thread holding mmu_lock for read writes while it owns an
 # SPTE (B: REMOVED_SPTE; newer kernels call it FROZEN_SPTE).
@@ -590,6 +594,7 @@ def make_spte(
         spte |= m.shadow_host_writable_mask
     else:
         pte_access &= ~ACC_WRITE_MASK
+    kvm_bug_on(not 0 <= pfn < MODEL_MAX_PFN, "make_spte", f"pfn {pfn:#x} is outside the host's physical address space")
     spte |= pfn << PAGE_SHIFT
     skip_dirty = False
     if pte_access & ACC_WRITE_MASK:

@@ -28,6 +28,12 @@ class TlbEntry:
     dirty: bool
 
 
+# Model: a small TLB, like the hardware's, so the checks that walk every
+# cached entry stay cheap; the oldest entry is evicted first.
+TLB_LEAF_ENTRIES = 64
+TLB_WALK_ENTRIES = 32
+
+
 @attrs.define(eq=False)
 class VcpuTlb:
     leaves: dict[tuple[str, int, int], TlbEntry] = attrs.field(factory=dict)
@@ -53,9 +59,17 @@ class VcpuTlb:
 
     def fill(self, ctx: str, addr: int, entry: TlbEntry, path: list[tuple[int, int]]) -> None:
         page = addr >> PAGE_SHIFT
-        self.leaves[(ctx, entry.level, page >> KVM_HPAGE_GFN_SHIFT(entry.level))] = entry
+        key = (ctx, entry.level, page >> KVM_HPAGE_GFN_SHIFT(entry.level))
+        self.leaves.pop(key, None)
+        self.leaves[key] = entry
+        if len(self.leaves) > TLB_LEAF_ENTRIES:
+            del self.leaves[next(iter(self.leaves))]
         for level, child_pfn in path:
-            self.walks[(ctx, level, page >> KVM_HPAGE_GFN_SHIFT(level))] = child_pfn
+            wkey = (ctx, level, page >> KVM_HPAGE_GFN_SHIFT(level))
+            self.walks.pop(wkey, None)
+            self.walks[wkey] = child_pfn
+            if len(self.walks) > TLB_WALK_ENTRIES:
+                del self.walks[next(iter(self.walks))]
 
     def translate(self, ctx: str, addr: int) -> tuple[int, int, bool] | None:
         """(pfn of @addr's page, access, dirty) from the cached leaf, if any."""

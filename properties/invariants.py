@@ -375,48 +375,71 @@ def live_pages_are_reachable(kvm: Kvm) -> None:
 # --- TLBs ------------------------------------------------------------------------------------
 
 
-def _region_allowed(kvm: Kvm, sp: KvmMmuPage, addr: int, size_pages: int, pfn: int, access: int, dirty: bool, strict: bool) -> str | None:
-    """Is every page of the cached region [addr, +size_pages) mapped by @sp's subtree as cached?"""
+SPTE_MMU_PRESENT = 1 << 11
+_SPAN = (0, 1, 512, 512 * 512, 512 * 512 * 512, 512**4)
+_BASE_MASK = 0x000F_FFFF_FFFF_F000
+
+
+def _leaf_allowed(kvm: Kvm, sp: KvmMmuPage, i: int, spte: int, want_pfn: int, access: int, dirty: bool, strict: bool) -> str | None:
     m = kvm.masks
+    base = (spte & _BASE_MASK) >> PAGE_SHIFT
+    if base != want_pfn:
+        return f"{sp!r}[{i}] maps pfn {base:#x}, the TLB caches {want_pfn:#x}"
+    missing = access & ~spte_access(m, spte)
+    if missing == ACC_WRITE_MASK and not strict and is_mmu_writable_spte(m, spte):
+        missing = 0  # dirty-logging W clear, flushed before returning to userspace
+    if missing:
+        return f"{sp!r}[{i}] = {spte:#x} no longer grants {missing:#x} that the TLB caches"
+    if strict and dirty and m.shadow_dirty_mask and spte_ad_enabled(spte) and not spte & m.shadow_dirty_mask:
+        return f"{sp!r}[{i}] = {spte:#x} is clean but the TLB caches it dirty"
+    return None
+
+
+def _region_allowed(kvm: Kvm, sp: KvmMmuPage, page: int, npages: int, pfn: int, access: int, dirty: bool, strict: bool) -> str | None:
+    """Is every page of the cached region [page, +npages) mapped by @sp's subtree as cached?"""
     level = sp.role.level
-    span = KVM_PAGES_PER_HPAGE(level)
-    first = ((addr >> PAGE_SHIFT) >> KVM_HPAGE_GFN_SHIFT(level)) & 511
-    n = max(1, size_pages // span)
-    for k in range(n):
-        i = first + k
-        entry_page = ((addr >> PAGE_SHIFT) & ~(span * 512 - 1)) + i * span if level < 5 else i * span
-        entry_page = ((addr >> PAGE_SHIFT) >> KVM_HPAGE_GFN_SHIFT(level + 1) << KVM_HPAGE_GFN_SHIFT(level + 1)) + i * span
+    span = _SPAN[level]
+    while True:
+        i = (page // span) & 511
         spte = sp.spt[i]
-        if not is_shadow_present_pte(spte):
-            return f"page {entry_page << PAGE_SHIFT:#x} is cached but its SPTE in {sp!r}[{i}] is not present"
-        want_pfn = pfn + (entry_page - (addr >> PAGE_SHIFT)) if size_pages > span else pfn
-        if is_last_spte(spte, level):
-            base = spte_to_pfn(spte)
-            if size_pages >= span:
-                if base != want_pfn:
-                    return f"{sp!r}[{i}] maps pfn {base:#x}, the TLB caches {want_pfn:#x}"
-            else:
-                offset = (addr >> PAGE_SHIFT) & (span - 1)
-                if base + offset != pfn:
-                    return f"{sp!r}[{i}] maps pfn {base + offset:#x}, the TLB caches {pfn:#x}"
-            granted = spte_access(m, spte)
-            missing = access & ~granted
-            if missing == ACC_WRITE_MASK and not strict and is_mmu_writable_spte(m, spte):
-                missing = 0  # dirty-logging W clear, flushed before returning to userspace
-            if missing:
-                return f"{sp!r}[{i}] = {spte:#x} no longer grants {missing:#x} that the TLB caches"
-            if strict and dirty and m.shadow_dirty_mask and spte_ad_enabled(spte) and not spte & m.shadow_dirty_mask:
-                return f"{sp!r}[{i}] = {spte:#x} is clean but the TLB caches it dirty"
-            continue
-        child = kvm.sp_by_pfn.get(spte_to_pfn(spte))
+        if not spte & SPTE_MMU_PRESENT:
+            return f"page {page << PAGE_SHIFT:#x} is cached but its SPTE in {sp!r}[{i}] is not present"
+        if level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
+            if npages >= span:
+                # The cached region covers whole entries of this table.
+                for k in range(npages // span):
+                    e = sp.spt[i + k]
+                    if not e & SPTE_MMU_PRESENT:
+                        return f"page {(page + k * span) << PAGE_SHIFT:#x} is cached but {sp!r}[{i + k}] is not present"
+                    if not (level == PG_LEVEL_4K or e & PT_PAGE_SIZE_MASK):
+                        child = kvm.sp_by_pfn.get((e & _BASE_MASK) >> PAGE_SHIFT)
+                        if child is None:
+                            return f"{sp!r}[{i + k}] points at a freed table"
+                        err = _region_allowed(kvm, child, page + k * span, span, pfn + k * span, access, dirty, strict)
+                        if err:
+                            return err
+                        continue
+                    err = _leaf_allowed(kvm, sp, i + k, e, pfn + k * span, access, dirty, strict)
+                    if err:
+                        return err
+                return None
+            # A bigger leaf maps the cached region: compare at the offset.
+            return _leaf_allowed(kvm, sp, i, spte, pfn - (page & (span - 1)), access, dirty, strict)
+        child = kvm.sp_by_pfn.get((spte & _BASE_MASK) >> PAGE_SHIFT)
         if child is None:
             return f"{sp!r}[{i}] points at a freed table"
-        sub_addr = entry_page << PAGE_SHIFT if size_pages > span else addr
-        sub_pages = span if size_pages > span else size_pages
-        err = _region_allowed(kvm, child, sub_addr, sub_pages, want_pfn, access, dirty, strict)
-        if err:
-            return err
-    return None
+        if npages > _SPAN[level - 1]:
+            # The cached leaf was bigger than this table's entries: a split.
+            n = span // _SPAN[level - 1]
+            sub = _SPAN[level - 1]
+            for k in range(npages // sub):
+                err = _region_allowed(kvm, child, page + k * sub, sub, pfn + k * sub, access, dirty, strict)
+                if err:
+                    return err
+            return None if n else None
+        sp = child
+        level -= 1
+        span = _SPAN[level]
 
 
 def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
@@ -431,7 +454,7 @@ def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
                     continue
                 addr = frame << (PAGE_SHIFT + KVM_HPAGE_GFN_SHIFT(level))
                 err = _region_allowed(
-                    kvm, root, addr, KVM_PAGES_PER_HPAGE(level), entry.pfn, entry.access, entry.dirty, strict
+                    kvm, root, addr >> PAGE_SHIFT, KVM_PAGES_PER_HPAGE(level), entry.pfn, entry.access, entry.dirty, strict
                 )
                 if err:
                     fail(
