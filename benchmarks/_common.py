@@ -41,12 +41,13 @@ def kvmsplit_source_id() -> dict[str, Any]:
     the parent checks every child saw the same digest, so an edit to the
     model in the middle of a run is reported.
     """
-    pkg = Path(kvmsplit.__file__).resolve().parent
-    files = sorted(
-        Path(m.__file__).resolve()
-        for name, m in list(sys.modules.items())
-        if (name == "kvmsplit" or name.startswith("kvmsplit.")) and getattr(m, "__file__", None)
-    )
+    pkg = Path(str(kvmsplit.__file__)).resolve().parent
+    files = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (name == "kvmsplit" or name.startswith("kvmsplit.")) and path:
+            files.append(Path(path).resolve())
+    files.sort()
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(pkg.parent)).encode())
@@ -60,7 +61,10 @@ def kvmsplit_source_id() -> dict[str, Any]:
             ["git", "-C", top, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "-C", top, "status", "--porcelain", "--", *map(str, files)], capture_output=True, text=True, check=True
+            ["git", "-C", top, "status", "--porcelain", "--", *map(str, files)],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         info["dirty"] = bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
@@ -184,11 +188,11 @@ def check_same_source(results: Sequence[dict[str, Any]]) -> str | None:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain text table, right-aligned except the first column."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         parts = [str(cells[0]).ljust(widths[0])]
-        parts += [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        parts += [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join(parts).rstrip()
 
     sep = "  ".join("-" * w for w in widths)

@@ -45,7 +45,7 @@ from kvmsplit import mmu, tdp_mmu, x86
 from kvmsplit.kvm import Kvm
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmsplit.mmu_page import kvm_mmu_page_get_gfn
-from kvmsplit.spte import PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, is_shadow_present_pte
+from kvmsplit.spte import PAGE_SHIFT, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, is_shadow_present_pte
 
 CONFIGS = ("tdp", "tdp-legacy")
 SLOT_ID = 0
@@ -64,6 +64,9 @@ class CountingKvm(Kvm):
     through kvm_update_page_stats() (the TDP MMU once per 512 for a split),
     so the count costs one extra call per stats update.
     """
+
+    model_installed_4k: int = 0
+    model_removed_4k: int = 0
 
     def kvm_update_page_stats(self, level: int, count: int) -> None:
         if level == PG_LEVEL_4K:
@@ -93,8 +96,7 @@ def census_present_4k(kvm: Kvm, start: int, end: int) -> int:
 def run_case(config: str, size_mib: int, traced: bool) -> dict[str, Any]:
     size = size_mib * MIB
     kvm = CountingKvm.create(config)
-    kvm.model_installed_4k = 0
-    kvm.model_removed_4k = 0
+    assert isinstance(kvm, CountingKvm)
     # Lazy splitting: dirty logging leaves the 2M SPTEs in place.
     x86.set_eager_page_split(kvm, False)
     vcpu = kvm.vcpu(0)
@@ -106,7 +108,9 @@ def run_case(config: str, size_mib: int, traced: bool) -> dict[str, Any]:
     expect(kvm.stat.pages_4k == 0, f"pages_4k={kvm.stat.pages_4k} after mapping with 2M pages, want 0")
 
     x86.kvm_set_user_memory_region(kvm, SLOT_ID, KVM_MEM_LOG_DIRTY_PAGES, SLOT_GPA, size, SLOT_HVA)
-    expect(kvm.stat.pages_2m == size // HPAGE_2M, "enabling dirty logging changed the 2M SPTEs with eager splitting off")
+    expect(
+        kvm.stat.pages_2m == size // HPAGE_2M, "enabling dirty logging changed the 2M SPTEs with eager splitting off"
+    )
 
     pages_4k_before = kvm.stat.pages_4k
     installed_before = kvm.model_installed_4k
@@ -145,13 +149,17 @@ def run_case(config: str, size_mib: int, traced: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="slot size in MiB, a multiple of 2 (default 1024)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated MMU configs (default {','.join(CONFIGS)})")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated MMU configs (default {','.join(CONFIGS)})"
+    )
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the separate tracemalloc run per config")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.size_mib <= 0 or args.size_mib % 2:
-        parser.error(f"--size-mib {args.size_mib} is not a positive multiple of 2 (the slot is mapped with 2 MiB pages)")
+        parser.error(
+            f"--size-mib {args.size_mib} is not a positive multiple of 2 (the slot is mapped with 2 MiB pages)"
+        )
 
     if args.case:
         emit_result(run_case(args.case, args.size_mib, args.traced))
@@ -175,7 +183,9 @@ def main() -> None:
     print("bench_dirty_log: 4 KiB write faults over a 2 MiB-mapped THP slot under dirty logging")
     print("\n".join(describe_run(started, results[0]["source"])))
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"slot:    {args.size_mib} MiB at gpa {SLOT_GPA:#x}, eager_page_split=N, {args.size_mib * MIB // PAGE_SIZE} writes")
+    print(
+        f"slot:    {args.size_mib} MiB at gpa {SLOT_GPA:#x}, eager_page_split=N, {args.size_mib * MIB // PAGE_SIZE} writes"
+    )
     print()
 
     rows = []

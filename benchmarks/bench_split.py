@@ -54,7 +54,6 @@ from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, KvmMemorySlot
 from kvmsplit.spte import (
     PAGE_SHIFT,
     PG_LEVEL_1G,
-    PG_LEVEL_2M,
     PG_LEVEL_4K,
     SPTE_ENT_PER_PAGE,
     is_shadow_present_pte,
@@ -293,14 +292,22 @@ def main() -> None:
         r = partial[0]
         scale = FULL_SIZE_GIB / r["size_gib"]
         print()
-        print(f"EXTRAPOLATED, not measured: tdp-2m at {FULL_SIZE_GIB} GiB, scaled linearly x{scale:g} from {r['size_gib']} GiB")
+        print(
+            f"EXTRAPOLATED, not measured: tdp-2m at {FULL_SIZE_GIB} GiB, scaled linearly x{scale:g} from {r['size_gib']} GiB"
+        )
         print(format_table(HEADERS, [rows_for(r, scale)]))
     print()
     print("map s           the faults that mapped the slot huge before the timed ioctl")
-    print("ioctl s         wall time of KVM_SET_USER_MEMORY_REGION setting KVM_MEM_LOG_DIRTY_PAGES (split + write-protect + flush)")
-    print("split s         kvm_mmu_slot_try_split_huge_pages() alone, inside the ioctl;  SPTEs/s = SPTEs written / split s")
+    print(
+        "ioctl s         wall time of KVM_SET_USER_MEMORY_REGION setting KVM_MEM_LOG_DIRTY_PAGES (split + write-protect + flush)"
+    )
+    print(
+        "split s         kvm_mmu_slot_try_split_huge_pages() alone, inside the ioctl;  SPTEs/s = SPTEs written / split s"
+    )
     print("SPTEs written   512 per huge SPTE split (kvm->model_split_env.events)")
-    print("list s          [spte | (i << 12) for i in range(n)] for n = SPTEs written, spte a 4K leaf of the case, same process")
+    print(
+        "list s          [spte | (i << 12) for i in range(n)] for n = SPTEs written, spte a 4K leaf of the case, same process"
+    )
     print("range s         list(range(n)), same process;  split/list = split s / list s")
     print("RSS before/peak ru_maxrss of the case's own process before and after the ioctl (setup included)")
     print("traced peak     tracemalloc peak of Python allocations during the ioctl (separate run)")

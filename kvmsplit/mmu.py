@@ -948,3 +948,44 @@ def kvm_mmu_zap_all(kvm: Kvm) -> None:
     if kvm.tdp_mmu_enabled:
         tdp_mmu.kvm_tdp_mmu_zap_all(kvm)
     kvm.mmu_unlock("kvm_mmu_zap_all")
+
+
+# --- page aging (the MMU notifier's clear_young) ---------------------------------------
+
+
+def mmu_spte_age(kvm: Kvm, sptep: Sptep) -> bool:
+    """Clear the accessed state of a leaf; return whether it was accessed (mmu.c)."""
+    from kvmsplit.spte import is_accessed_spte, mark_spte_for_access_track
+
+    m = kvm.masks
+    spte = sptep.spte
+    if not is_accessed_spte(m, spte):
+        return False
+    if spte_ad_enabled(spte):
+        sptep.sp.spt[sptep.index] = spte & ~m.shadow_accessed_mask
+    else:
+        sptep.sp.spt[sptep.index] = mark_spte_for_access_track(m, spte)
+    return True
+
+
+def kvm_age_gfn(kvm: Kvm, slot: KvmMemorySlot, start: int, end: int) -> bool:
+    """clear_young for gfns [start, end): clear A bits, no TLB flush (kvm_age_gfn())."""
+    young = False
+    if kvm.kvm_memslots_have_rmaps():
+        for level in range(PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            for _, head in shadow_mmu.rmap_sptes(kvm, slot, level, start, end - 1):
+                for sptep in list(rmap_iter(head)):
+                    young |= mmu_spte_age(kvm, sptep)
+    if kvm.tdp_mmu_enabled:
+        young |= tdp_mmu.kvm_tdp_mmu_age_gfn_range(kvm, start, end)
+    return young
+
+
+def kvm_mmu_notifier_clear_young(kvm: Kvm, hva_start: int, hva_end: int) -> bool:
+    young = False
+    for slot in list(kvm.memslots.values()):
+        s_end = slot.userspace_addr + (slot.npages << PAGE_SHIFT)
+        hs, he = max(hva_start, slot.userspace_addr), min(hva_end, s_end)
+        if hs < he:
+            young |= kvm_age_gfn(kvm, slot, slot.hva_to_gfn(hs), slot.hva_to_gfn(he + (1 << PAGE_SHIFT) - 1))
+    return young

@@ -500,3 +500,24 @@ def kvm_tdp_mmu_zap_collapsible_sptes(kvm: Kvm, slot: KvmMemorySlot) -> None:
 
 def leaf_dirty(kvm: Kvm, spte: int) -> bool:
     return bool(is_dirty_spte(kvm.masks, spte))
+
+
+def kvm_tdp_mmu_age_gfn_range(kvm: Kvm, start: int, end: int) -> bool:
+    """age_gfn_range() over every root: clear A (or access-track) on leaves, no flush."""
+    from kvmsplit.spte import is_accessed_spte, mark_spte_for_access_track, spte_ad_enabled
+
+    m = kvm.masks
+    young = False
+    for root in tdp_mmu_roots(kvm, only_valid=False):
+        for it in for_each_tdp_pte_min_level(kvm, root, PG_LEVEL_4K, start, end):
+            if not is_shadow_present_pte(it.old_spte) or not is_last_spte(it.old_spte, it.level):
+                continue
+            if not is_accessed_spte(m, it.old_spte):
+                continue
+            young = True
+            if spte_ad_enabled(it.old_spte):
+                new = it.old_spte & ~m.shadow_accessed_mask
+            else:
+                new = mark_spte_for_access_track(m, it.old_spte)
+            it.sptep.sp.spt[it.sptep.index] = new
+    return young

@@ -186,6 +186,13 @@ _op("set_nx_huge_pages", lambda kvm, value: x86.set_nx_huge_pages(kvm, value), "
 _op("host_thp_split", lambda kvm, hva: x86.host_thp_split(kvm, hva), "the host splits the huge page at hva (MMU notifier)", Arg("hva", "int"))
 _op("host_thp_collapse", lambda kvm, hva: x86.host_thp_collapse(kvm, hva), "the host collapses the 2M frame at hva (MMU notifier)", Arg("hva", "int"))
 _op("host_madv_dontneed", lambda kvm, hva, size: x86.host_madv_dontneed(kvm, hva, size), "MADV_DONTNEED on the host (MMU notifier)", Arg("hva", "int"), Arg("size", "int"))
+_op(
+    "host_clear_young",
+    lambda kvm, hva, size: mmu.kvm_mmu_notifier_clear_young(kvm, hva, hva + size),
+    "the host ages pages (MMU notifier clear_young): A bits cleared, no flush",
+    Arg("hva", "int"),
+    Arg("size", "int"),
+)
 _op("kvm_zap_gfn_range", _zap, "kvm_zap_gfn_range(start, end)", Arg("start", "int"), Arg("end", "int"))
 
 

@@ -203,7 +203,9 @@ def child_role_matches_parent(kvm: Kvm) -> None:
                 gfn = sp.gfn + i * KVM_PAGES_PER_HPAGE(level)
             else:
                 want = kvm_mmu_child_role(sp, i, child.role.direct, child.role.access)
-                gfn = kvm_mmu_page_get_gfn(sp, i) if child.role.direct else child.gfn
+                # An indirect parent records translations for leaves only; the
+                # gfn of its direct child comes from the guest PTE.
+                gfn = kvm_mmu_page_get_gfn(sp, i) if sp.role.direct else child.gfn
             got = child.role.evolve(invalid=sp.role.invalid) if not child.role.invalid else child.role
             if got.word != want.word:
                 fail("child_role_matches_parent", f"{sp!r}[{i}] -> {child!r}, expected {want!r}")
