@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +72,32 @@ def kvmsplit_source_id() -> dict[str, Any]:
     return info
 
 
-def describe_run(started: str, source: dict[str, Any]) -> list[str]:
-    """Header lines: start date, host and its load, interpreter, the model code a child measured."""
+def start_info() -> dict[str, Any]:
+    """The wall-clock date (as date(1) prints it) and the load average when a run starts."""
+    return {"date": time.strftime("%a %d %b %Y %H:%M:%S %Z"), "load": os.getloadavg()}
+
+
+def describe_run(start: dict[str, Any], source: dict[str, Any]) -> list[str]:
+    """Header lines: start date, host and its load, interpreter, the command, the model code measured."""
     if source["commit"] is None:
         code = f"kvmsplit from {source['path']} (not a git checkout), modules sha256 {source['sha256']}"
     else:
         state = "imported modules differ from the commit" if source["dirty"] else "imported modules as committed"
         code = f"kvmsplit from {source['path']} at {source['commit']} ({state}), modules sha256 {source['sha256']}"
+    pythonpath = os.environ.get("PYTHONPATH")
+    env = f"PYTHONPATH={pythonpath} " if pythonpath else ""
+
+    def load(xs: Sequence[float]) -> str:
+        return " ".join(f"{x:.2f}" for x in xs)
+
     return [
-        f"date:    {started}",
-        f"host:    {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end",
+        f"date:    {start['date']}",
+        f"host:    {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        f"load:    {load(start['load'])} at the start, {load(os.getloadavg())} at the end (1, 5, 15 min)",
         f"python:  {platform.python_implementation()} {platform.python_version()}",
+        f"command: {env}{' '.join([sys.executable, *sys.argv])}",
         f"code:    {code}",
     ]
-
-
-def now() -> str:
-    """The wall-clock date, as date(1) prints it."""
-    return time.strftime("%a %d %b %Y %H:%M:%S %Z")
 
 
 def maxrss_mib() -> float:
@@ -178,9 +185,24 @@ def run_child(script: str, args: Sequence[str]) -> dict[str, Any]:
     raise SystemExit(f"benchmark child printed no result: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
 
 
+def run_best_of(
+    script: str, args: Sequence[str], repeat: int, seconds: Callable[[dict[str, Any]], float]
+) -> dict[str, Any]:
+    """Run one case @repeat times; return the fastest run, with every run's time in "all_seconds".
+
+    The minimum is the figure least disturbed by other work on the machine.
+    """
+    runs = [run_child(script, args) for _ in range(repeat)]
+    best = min(runs, key=seconds)
+    best["all_seconds"] = [seconds(r) for r in runs]
+    best["all_sources"] = [r["source"] for r in runs]
+    return best
+
+
 def check_same_source(results: Sequence[dict[str, Any]]) -> str | None:
     """A warning if the model's sources changed while the cases ran."""
     digests = {r["source"]["sha256"] for r in results}
+    digests |= {src["sha256"] for r in results for src in r.get("all_sources", [])}
     if len(digests) > 1:
         return f"WARNING: kvmsplit sources changed during the run (digests {sorted(digests)}); rerun for consistent figures"
     return None

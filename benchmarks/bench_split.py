@@ -42,7 +42,8 @@ from _common import (
     fmt_rate,
     fmt_s,
     format_table,
-    now,
+    run_best_of,
+    start_info,
     run_child,
     time_int_lists,
 )
@@ -253,10 +254,15 @@ def main() -> None:
         "--size-gib", type=int, default=FULL_SIZE_GIB, help=f"slot size of tdp-2m in GiB (default {FULL_SIZE_GIB})"
     )
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated cases (default {','.join(CASES)})")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="untraced runs per case; the fastest is reported (default 1)"
+    )
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the separate tracemalloc run per case")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat} is below 1")
     if args.size_gib <= 0:
         parser.error(f"--size-gib {args.size_gib} is not positive")
 
@@ -269,12 +275,12 @@ def main() -> None:
         if c not in CASES:
             parser.error(f"--cases: {c!r} is not one of {', '.join(CASES)}")
 
-    started = now()
+    started = start_info()
     results = []
     measured = []
     for case in cases:
         child = ["--case", case, "--size-gib", str(args.size_gib)]
-        r = run_child(__file__, child)
+        r = run_best_of(__file__, child, args.repeat, lambda r: r["ioctl"]["seconds"])
         if not args.no_tracemalloc:
             t = run_child(__file__, [*child, "--traced"])
             r["traced_run"] = t
@@ -284,7 +290,6 @@ def main() -> None:
 
     print("bench_split: eager page splitting when dirty logging starts")
     print("\n".join(describe_run(started, measured[0]["source"])))
-    print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print()
     print(format_table(HEADERS, [rows_for(r) for r in measured]))
     partial = [r for r in measured if r["case"] == "tdp-2m" and r["size_gib"] < FULL_SIZE_GIB]
@@ -314,6 +319,11 @@ def main() -> None:
     print("list traced     tracemalloc peak while building the SPTE-like list (separate run)")
     for r in measured:
         print(f"events {r['case']}: {r['events']}")
+    if args.repeat > 1:
+        for r in results:
+            if not r["traced"]:
+                runs = ", ".join(f"{x:.3f}" for x in r["all_seconds"])
+                print(f"runs {r['case']}: {runs} s (fastest shown)")
     warning = check_same_source(results)
     if warning:
         print(warning)

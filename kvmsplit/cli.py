@@ -89,7 +89,9 @@ def _run(cfg: Any, ops: list[dict[str, Any]], title: str, as_json: bool) -> int:
         click.echo(f"  config: {json.dumps(cfg.to_dict())}")
         from kvmsplit.properties.registry import INVARIANTS
 
-        click.echo(f"  {len(result.steps)} operations, {len(INVARIANTS)} invariants checked after each and at every mmu_lock release")
+        click.echo(
+            f"  {len(result.steps)} operations, {len(INVARIANTS)} invariants checked after each and at every mmu_lock release"
+        )
         if result.ok:
             click.echo("all invariants held; page stats:")
         else:

@@ -14,7 +14,8 @@ flush is a full flush, as on hosts without a range-flush hypercall.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -359,7 +360,11 @@ def validate_memory_region(
         raise HarnessError(f"{where}: slot id {slot_id!r} is out of range (-EINVAL)")
     if flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
         raise HarnessError(f"{where}: flags {flags:#x} has unknown bits (-EINVAL)")
-    for name, v in (("guest_phys_addr", guest_phys_addr), ("memory_size", memory_size), ("userspace_addr", userspace_addr)):
+    for name, v in (
+        ("guest_phys_addr", guest_phys_addr),
+        ("memory_size", memory_size),
+        ("userspace_addr", userspace_addr),
+    ):
         if not isinstance(v, int) or v < 0:
             raise HarnessError(f"{where}: {name}={v!r} is not a non-negative int (-EINVAL)")
         if v & ((1 << PAGE_SHIFT) - 1):

@@ -41,7 +41,6 @@ from kvmsplit.spte import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
     ACC_WRITE_MASK,
-    KVM_HPAGE_GFN_SHIFT,
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
@@ -69,7 +68,7 @@ from kvmsplit.spte import (
 from kvmsplit.tlb import TlbEntry
 
 if TYPE_CHECKING:
-    from kvmsplit.kvm import Kvm, KvmMmuContext, KvmVcpu
+    from kvmsplit.kvm import Kvm, KvmVcpu
 
 RET_PF_CONTINUE = 0
 RET_PF_RETRY = 1
@@ -87,7 +86,7 @@ MAX_HUGE_PAGE_LEVEL = KVM_MAX_HUGEPAGE_LEVEL
 PG_LEVEL_NUM = 6
 
 
-def SPTE_INDEX(addr: int, level: int) -> int:  # noqa: N802
+def SPTE_INDEX(addr: int, level: int) -> int:
     return (addr >> (PAGE_SHIFT + (level - 1) * SPTE_LEVEL_BITS)) & 511
 
 
@@ -207,7 +206,13 @@ def gfn_to_pfn_atomic(kvm: Kvm, slot: KvmMemorySlot, gfn: int) -> int | None:
 
 
 def mmu_set_spte(
-    kvm: Kvm, slot: KvmMemorySlot | None, sptep: Sptep, pte_access: int, gfn: int, pfn: int | None, fault: KvmPageFault | None
+    kvm: Kvm,
+    slot: KvmMemorySlot | None,
+    sptep: Sptep,
+    pte_access: int,
+    gfn: int,
+    pfn: int | None,
+    fault: KvmPageFault | None,
 ) -> int:
     sp = sptep.sp
     level = sp.role.level
@@ -431,7 +436,9 @@ def kvm_tdp_mmu_page_fault(kvm: Kvm, vcpu: KvmVcpu, fault: KvmPageFault) -> int:
     return r
 
 
-def kvm_mmu_do_page_fault(kvm: Kvm, vcpu: KvmVcpu, addr: int, write: bool, exec: bool, present: bool, rsvd: bool) -> int:
+def kvm_mmu_do_page_fault(
+    kvm: Kvm, vcpu: KvmVcpu, addr: int, write: bool, exec: bool, present: bool, rsvd: bool
+) -> int:
     from kvmsplit import paging_tmpl
 
     fault = KvmPageFault(
@@ -613,7 +620,6 @@ def kvm_vcpu_access(
     in guest mode.  @data=(index, value) writes an 8-byte guest PTE at entry
     @index of the page written, which is how the guest edits its page tables.
     """
-    from kvmsplit import paging_tmpl
 
     vcpu = kvm.vcpu(vcpu_id)
     if not isinstance(addr, int) or addr < 0 or addr >= 1 << 48:
@@ -648,7 +654,12 @@ def kvm_vcpu_access(
             vcpu.tlb.fill(
                 ctx.name,
                 addr,
-                TlbEntry(level, spte_to_pfn(spte), spte_access(kvm.masks, spte), bool(spte & kvm.masks.shadow_dirty_mask) or not kvm.masks.shadow_dirty_mask),
+                TlbEntry(
+                    level,
+                    spte_to_pfn(spte),
+                    spte_access(kvm.masks, spte),
+                    bool(spte & kvm.masks.shadow_dirty_mask) or not kvm.masks.shadow_dirty_mask,
+                ),
                 walk.path,
             )
             model_guest_store(kvm, gfn, data)
@@ -779,7 +790,9 @@ def kvm_zap_gfn_range(kvm: Kvm, gfn_start: int, gfn_end: int) -> None:
             end = min(gfn_end, slot.end_gfn)
             if start >= end:
                 continue
-            flush |= shadow_mmu.walk_slot_rmaps(kvm, slot, _kvm_zap_rmap, PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL, start, end - 1)
+            flush |= shadow_mmu.walk_slot_rmaps(
+                kvm, slot, _kvm_zap_rmap, PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL, start, end - 1
+            )
     if kvm.tdp_mmu_enabled:
         flush = tdp_mmu.kvm_tdp_mmu_zap_leafs(kvm, gfn_start, gfn_end, flush)
     if flush:
@@ -791,7 +804,9 @@ def kvm_unmap_gfn_range(kvm: Kvm, slot: KvmMemorySlot, start: int, end: int) -> 
     """The MMU notifier's handler: zap leaves in [start, end) of @slot; return flush."""
     flush = False
     if kvm.kvm_memslots_have_rmaps():
-        flush = shadow_mmu.walk_slot_rmaps(kvm, slot, _kvm_zap_rmap, PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL, start, end - 1)
+        flush = shadow_mmu.walk_slot_rmaps(
+            kvm, slot, _kvm_zap_rmap, PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL, start, end - 1
+        )
     if kvm.tdp_mmu_enabled:
         flush = tdp_mmu.kvm_tdp_mmu_unmap_gfn_range(kvm, slot, start, end, flush)
     return flush
@@ -898,7 +913,9 @@ def _align_up(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def kvm_mmu_slot_gfn_write_protect(kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int, deferred: bool = False) -> bool:
+def kvm_mmu_slot_gfn_write_protect(
+    kvm: Kvm, slot: KvmMemorySlot, gfn: int, min_level: int, deferred: bool = False
+) -> bool:
     return shadow_mmu.kvm_mmu_slot_gfn_write_protect(kvm, slot, gfn, min_level, deferred)
 
 
@@ -922,7 +939,13 @@ def kvm_mmu_zap_collapsible_sptes(kvm: Kvm, slot: KvmMemorySlot) -> None:
     """Let huge pages come back after dirty logging stops (B: zap, refault)."""
     if kvm.kvm_memslots_have_rmaps():
         if shadow_mmu.walk_slot_rmaps(
-            kvm, slot, kvm_mmu_zap_collapsible_spte, PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL - 1, slot.base_gfn, slot.end_gfn - 1
+            kvm,
+            slot,
+            kvm_mmu_zap_collapsible_spte,
+            PG_LEVEL_4K,
+            KVM_MAX_HUGEPAGE_LEVEL - 1,
+            slot.base_gfn,
+            slot.end_gfn - 1,
         ):
             kvm.kvm_flush_remote_tlbs_memslot(slot, "kvm_mmu_zap_collapsible_sptes")
         kvm.mmu_unlock("kvm_rmap_zap_collapsible_sptes")

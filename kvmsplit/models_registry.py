@@ -19,7 +19,7 @@ from kvmsplit.errors import HarnessError
 
 
 def _module(name: str) -> ModuleType:
-    if name.endswith(".py") or "/" in name and Path(name).exists():
+    if name.endswith(".py") or ("/" in name and Path(name).exists()):
         path = Path(name)
         if not path.is_file():
             raise HarnessError(f"model file {name!r} does not exist")

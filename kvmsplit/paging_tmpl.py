@@ -27,6 +27,7 @@ from kvmsplit.mmu import (
     RET_PF_SPURIOUS,
     SPTE_INDEX,
     KvmPageFault,
+    _direct_pte_prefetch,
     disallowed_hugepage_adjust,
     gfn_to_memslot_dirty_bitmap,
     gfn_to_pfn_atomic,
@@ -35,13 +36,11 @@ from kvmsplit.mmu import (
     mmu_set_spte,
     page_fault_handle_page_track,
     required_access,
-    _direct_pte_prefetch,
 )
 from kvmsplit.mmu_page import KvmMmuPage, kvm_mmu_page_get_access, kvm_mmu_page_get_gfn, kvm_mmu_page_set_access
 from kvmsplit.rmap import Sptep
 from kvmsplit.spte import (
     ACC_WRITE_MASK,
-    PAGE_SHIFT,
     PG_LEVEL_4K,
     is_shadow_present_pte,
     make_spte,

@@ -87,6 +87,4 @@ def root_role(
     root of a 4-level guest (indirect), and kvm_calc_shadow_ept_root_page_role()
     for L2 (indirect, guest_mode).
     """
-    return KvmMmuPageRole(
-        level=level, direct=direct, access=ACC_ALL, guest_mode=guest_mode, ad_disabled=ad_disabled
-    )
+    return KvmMmuPageRole(level=level, direct=direct, access=ACC_ALL, guest_mode=guest_mode, ad_disabled=ad_disabled)

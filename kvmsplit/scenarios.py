@@ -55,7 +55,9 @@ def get_scenario(name: str) -> Scenario:
     return SCENARIOS[name]()
 
 
-def slot_op(slot: int, gpa: int, size: int, backing: str | None = "thp", flags: int = 0, hva: int | None = None) -> dict[str, Any]:
+def slot_op(
+    slot: int, gpa: int, size: int, backing: str | None = "thp", flags: int = 0, hva: int | None = None
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "op": "kvm_set_user_memory_region",
         "slot": slot,
@@ -269,7 +271,13 @@ def _selftest(mmu_kind: str, initially_set: bool, nested: bool) -> Scenario:
             ops.append({"op": "kvm_get_dirty_log", "slot": s, "expect": all_gfns})
             if initially_set:
                 ops.append(
-                    {"op": "kvm_clear_dirty_log", "slot": s, "first_page": 0, "num_pages": slot_size >> 12, "gfns": all_gfns}
+                    {
+                        "op": "kvm_clear_dirty_log",
+                        "slot": s,
+                        "first_page": 0,
+                        "num_pages": slot_size >> 12,
+                        "gfns": all_gfns,
+                    }
                 )
         if initially_set and iteration == 0:
             ops.append(expect(pages_2m=0, pages_1g=0, pages_4k=guest_pages))
@@ -283,7 +291,11 @@ def _selftest(mmu_kind: str, initially_set: bool, nested: bool) -> Scenario:
     return Scenario(
         name,
         f"The kernel selftest dirty_log_page_splitting_test on the {where}"
-        + (", manual protect with initially-set: splitting waits for the first KVM_CLEAR_DIRTY_LOG." if initially_set else ": logging splits everything at enable time."),
+        + (
+            ", manual protect with initially-set: splitting waits for the first KVM_CLEAR_DIRTY_LOG."
+            if initially_set
+            else ": logging splits everything at enable time."
+        ),
         "kvm_mmu_slot_apply_flags(), kvm_mmu_slot_try_split_huge_pages(), kvm_arch_mmu_enable_log_dirty_pt_masked()",
         TraceConfig(mmu=mmu_kind, nr_vcpus=2),
         ops,
@@ -308,6 +320,113 @@ def dirty_log_page_splitting_nested() -> Scenario:
 @scenario
 def dirty_log_page_splitting_nested_initially_set() -> Scenario:
     return _selftest("tdp", True, True)
+
+
+# --- where the merged code and the v3 patch differ ------------------------------------
+
+
+@scenario
+def eager_split_without_tdp_mmu() -> Scenario:
+    """tdp_mmu=N: the merged code never splits eagerly (huge pages are write-protected
+    and split lazily); the v3 patch split every huge page at enable time."""
+    size = 8 * MiB
+    ops: Ops = [slot_op(0, 0, size, "thp")]
+    ops += access_ops(0, size, 2 * MiB)
+    ops.append(slot_op(0, 0, size, None, KVM_MEM_LOG_DIRTY_PAGES))
+    ops += access_ops(0, size, 2 * MiB, "write")
+    ops.append({"op": "kvm_get_dirty_log", "slot": 0, "expect": [g for g in range(0, size >> 12, 512)]})
+    return Scenario(
+        "eager_split_without_tdp_mmu",
+        eager_split_without_tdp_mmu.__doc__ or "",
+        "kvm_mmu_slot_try_split_huge_pages() (tdp_mmu_enabled gate)",
+        TraceConfig(mmu="tdp-legacy", eager_page_split=True),
+        ops,
+    )
+
+
+@scenario
+def eager_split_shadow_paging() -> Scenario:
+    """ept=N (shadow paging): the merged code splits nothing; the v3 patch split the
+    huge SPTEs that shadow the guest's 2M pages into direct pages."""
+    size = 8 * MiB
+    ops: Ops = [slot_op(0, 0, size, "thp"), slot_op(PT_SLOT, PT_GPA, 4 * MiB, "4k")]
+    ops.append(
+        {
+            "op": "guest_build_identity_map",
+            "format": "x86",
+            "root_gfn": PT_GFN,
+            "table_gfns": [PT_GFN + 1, PT_GFN + 2, PT_GFN + 3],
+            "gfn_start": 0,
+            "npages": size >> 12,
+            "page_level": 2,
+        }
+    )
+    ops.append({"op": "kvm_set_cr3", "vcpu": 0, "root_gfn": PT_GFN})
+    ops += access_ops(0, size, 2 * MiB)
+    ops.append(slot_op(0, 0, size, None, KVM_MEM_LOG_DIRTY_PAGES))
+    ops += access_ops(0, size, 2 * MiB, "write")
+    ops.append({"op": "kvm_get_dirty_log", "slot": 0, "expect": [g for g in range(0, size >> 12, 512)]})
+    return Scenario(
+        "eager_split_shadow_paging",
+        eager_split_shadow_paging.__doc__ or "",
+        "kvm_mmu_slot_try_split_huge_pages(), FNAME(fetch)",
+        TraceConfig(mmu="shadow", eager_page_split=True),
+        ops,
+    )
+
+
+@scenario
+def split_zaps_unsync_page_at_child_gfn() -> Scenario:
+    """Splitting a nested 1G page looks up a 2M-level child at the 1G page's first gfn;
+    the merged code's __kvm_mmu_get_shadow_page() zaps an unsync 4K page shadowing
+    a guest table there (and flushes), the v3 patch's own lookup leaves it."""
+    big = 1 << 30
+    table = big >> 12  # L1 keeps an EPT table at the first gfn of the 1G page
+    ops: Ops = [{"op": "kvm_enable_cap_manual_dirty_log_protect", "flags": 3}]
+    ops.append(slot_op(0, big, big, "hugetlb-1g"))
+    ops.append(slot_op(1, 0, 2 * MiB, "4k"))
+    ops.append(slot_op(PT_SLOT, PT_GPA, 4 * MiB, "4k"))
+    ops.append(
+        {
+            "op": "guest_build_identity_map",
+            "format": "ept",
+            "root_gfn": PT_GFN,
+            "table_gfns": [PT_GFN + 1, PT_GFN + 2, table],
+            "gfn_start": 0,
+            "npages": 512,
+            "page_level": 1,
+        }
+    )
+    ops.append(
+        {
+            "op": "guest_build_identity_map",
+            "format": "ept",
+            "root_gfn": PT_GFN,
+            "table_gfns": [],
+            "gfn_start": table,
+            "npages": 512 * 512,
+            "page_level": 3,
+        }
+    )
+    ops.append({"op": "nested_vmx_enter", "vcpu": 0, "eptp_gfn": PT_GFN})
+    ops.append({"op": "kvm_vcpu_access", "vcpu": 0, "addr": big, "access": "read"})
+    ops.append(expect(pages_1g=1))
+    # L2 touches memory mapped through the table at `table`: it gets shadowed (4K level).
+    ops.append({"op": "kvm_vcpu_access", "vcpu": 0, "addr": 0x1000, "access": "read"})
+    ops.append({"op": "nested_vmx_vmexit", "vcpu": 0})
+    # L1 edits that table: the 4K shadow page goes unsync (mmu_try_to_unsync_pages()).
+    ops.append({"op": "kvm_vcpu_access", "vcpu": 0, "addr": big + 8 * 8, "access": "write", "pte": [8, 0]})
+    ops.append(expect(mmu_unsync=1))
+    ops.append(slot_op(0, big, big, None, KVM_MEM_LOG_DIRTY_PAGES))
+    ops.append({"op": "kvm_clear_dirty_log", "slot": 0, "first_page": 64, "num_pages": 64, "gfns": [table + 64]})
+    ops.append(expect(pages_1g=0))
+    return Scenario(
+        "split_zaps_unsync_page_at_child_gfn",
+        split_zaps_unsync_page_at_child_gfn.__doc__ or "",
+        "kvm_mmu_find_shadow_page(), shadow_mmu_get_sp_for_split()",
+        TraceConfig(mmu="tdp"),
+        ops,
+    )
 
 
 DEFAULT_SCENARIO = "dirty_log_page_splitting_nested"

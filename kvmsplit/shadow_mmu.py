@@ -49,6 +49,7 @@ from kvmsplit.spte import (
     KVM_PAGES_PER_HPAGE,
     PG_LEVEL_4K,
     PT_WRITABLE_MASK,
+    check_spte_writable_invariants,
     is_accessed_spte,
     is_dirty_spte,
     is_large_pte,
@@ -58,10 +59,8 @@ from kvmsplit.spte import (
     is_shadow_present_pte,
     is_writable_pte,
     make_nonleaf_spte,
-    spte_ad_enabled,
     spte_ad_need_write_protect,
     spte_to_pfn,
-    check_spte_writable_invariants,
 )
 
 if TYPE_CHECKING:
@@ -210,7 +209,9 @@ def rmap_sptes(kvm: Kvm, slot: KvmMemorySlot, level: int, start: int, end: int) 
     return [(i, d[i]) for i in keys]
 
 
-def walk_slot_rmaps(kvm: Kvm, slot: KvmMemorySlot, handler, start_level: int, end_level: int, start: int, end: int) -> bool:  # type: ignore[no-untyped-def]
+def walk_slot_rmaps(
+    kvm: Kvm, slot: KvmMemorySlot, handler, start_level: int, end_level: int, start: int, end: int
+) -> bool:  # type: ignore[no-untyped-def]
     """__walk_slot_rmaps(): call @handler(kvm, rmap_head, slot, gfn, level) on each non-empty head.
 
     Model: never yields (no contention), so flush_on_yield has no effect.
@@ -447,7 +448,9 @@ def kvm_mmu_get_shadow_page(
     return sp
 
 
-def kvm_mmu_get_child_sp(kvm: Kvm, vcpu: KvmVcpu | None, sptep: Sptep, gfn: int, direct: bool, access: int) -> KvmMmuPage | None:
+def kvm_mmu_get_child_sp(
+    kvm: Kvm, vcpu: KvmVcpu | None, sptep: Sptep, gfn: int, direct: bool, access: int
+) -> KvmMmuPage | None:
     """None stands for ERR_PTR(-EEXIST): *sptep already points at a table."""
     spte = sptep.spte
     if is_shadow_present_pte(spte) and not is_large_pte(spte):
@@ -661,14 +664,14 @@ def mmu_unsync_walk(kvm: Kvm, sp: KvmMmuPage) -> list[tuple[KvmMmuPage, list[tup
                 continue
             child = kvm.spte_to_child_sp(ent)
             if child.unsync_children:
-                ret = walk(child, [(parent, i)] + path)
+                ret = walk(child, [(parent, i), *path])
                 if not ret:
                     clear_unsync_child_bit(parent, i)
                     continue
                 nr_unsync_leaf += ret
             elif child.unsync:
                 nr_unsync_leaf += 1
-                out.append((child, [(parent, i)] + path))
+                out.append((child, [(parent, i), *path]))
             else:
                 clear_unsync_child_bit(parent, i)
         return nr_unsync_leaf

@@ -37,7 +37,6 @@ from kvmsplit.rmap import KvmMmuMemoryCache, KvmRmapHead, Sptep, rmap_iter
 from kvmsplit.spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
     PG_LEVEL_1G,
-    PG_LEVEL_2M,
     SPTE_ENT_PER_PAGE,
     is_large_pte,
     is_last_spte,
@@ -81,7 +80,9 @@ class SplitCaches:
     """kvm->arch.split_desc_cache, split_page_header_cache, split_shadow_page_cache."""
 
     desc: KvmMmuMemoryCache = attrs.field(
-        factory=lambda: KvmMmuMemoryCache("split_desc_cache", SPLIT_DESC_CACHE_MIN_NR_OBJECTS + KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
+        factory=lambda: KvmMmuMemoryCache(
+            "split_desc_cache", SPLIT_DESC_CACHE_MIN_NR_OBJECTS + KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE
+        )
     )
     page_header: KvmMmuMemoryCache = attrs.field(
         factory=lambda: KvmMmuMemoryCache("split_page_header_cache", KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE)
@@ -117,7 +118,9 @@ class MergedSplit:
         self.kvm_tdp_mmu_try_split_huge_pages(kvm, slot, start, end, target_level, True)
         kvm.mmu_unlock("kvm_mmu_slot_try_split_huge_pages tdp")
 
-    def kvm_mmu_try_split_huge_pages(self, kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int) -> None:
+    def kvm_mmu_try_split_huge_pages(
+        self, kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int
+    ) -> None:
         """Split [start, end) for KVM_CLEAR_DIRTY_LOG, under the caller's mmu_lock held for write."""
         if not kvm.tdp_mmu_enabled:
             return
@@ -134,7 +137,13 @@ class MergedSplit:
         # pages land in the 2M rmaps before that pass walks them.
         for level in range(KVM_MAX_HUGEPAGE_LEVEL, target_level, -1):
             shadow_mmu.walk_slot_rmaps(
-                kvm, slot, lambda k, head, s, gfn, lvl: self.shadow_mmu_try_split_huge_pages(k, head, s), level, level, start, end - 1
+                kvm,
+                slot,
+                lambda k, head, s, gfn, lvl: self.shadow_mmu_try_split_huge_pages(k, head, s),
+                level,
+                level,
+                start,
+                end - 1,
             )
 
     def skip_split(self, kvm: Kvm, huge_sptep: Sptep) -> bool:

@@ -103,9 +103,7 @@ MMIO_SPTE_GEN_HIGH_END = 62
 MMIO_SPTE_GEN_LOW_BITS = MMIO_SPTE_GEN_LOW_END - MMIO_SPTE_GEN_LOW_START + 1
 MMIO_SPTE_GEN_HIGH_BITS = MMIO_SPTE_GEN_HIGH_END - MMIO_SPTE_GEN_HIGH_START + 1
 MMIO_SPTE_GEN_LOW_MASK = ((1 << (MMIO_SPTE_GEN_LOW_END + 1)) - 1) & ~((1 << MMIO_SPTE_GEN_LOW_START) - 1)
-MMIO_SPTE_GEN_HIGH_MASK = ((1 << (MMIO_SPTE_GEN_HIGH_END + 1)) - 1) & ~(
-    (1 << MMIO_SPTE_GEN_HIGH_START) - 1
-)
+MMIO_SPTE_GEN_HIGH_MASK = ((1 << (MMIO_SPTE_GEN_HIGH_END + 1)) - 1) & ~((1 << MMIO_SPTE_GEN_HIGH_START) - 1)
 MMIO_SPTE_GEN_LOW_SHIFT = MMIO_SPTE_GEN_LOW_START
 MMIO_SPTE_GEN_HIGH_SHIFT = MMIO_SPTE_GEN_HIGH_START - MMIO_SPTE_GEN_LOW_BITS
 MMIO_SPTE_GEN_MASK = (1 << (MMIO_SPTE_GEN_LOW_BITS + MMIO_SPTE_GEN_HIGH_BITS)) - 1
@@ -113,15 +111,15 @@ MMIO_SPTE_GEN_MASK = (1 << (MMIO_SPTE_GEN_LOW_BITS + MMIO_SPTE_GEN_HIGH_BITS)) -
 U64_MASK = (1 << 64) - 1
 
 
-def KVM_HPAGE_GFN_SHIFT(level: int) -> int:  # noqa: N802
+def KVM_HPAGE_GFN_SHIFT(level: int) -> int:
     return (level - 1) * SPTE_LEVEL_BITS
 
 
-def KVM_PAGES_PER_HPAGE(level: int) -> int:  # noqa: N802
+def KVM_PAGES_PER_HPAGE(level: int) -> int:
     return 1 << KVM_HPAGE_GFN_SHIFT(level)
 
 
-def PAGE_SIZE_FOR_LEVEL(level: int) -> int:  # noqa: N802
+def PAGE_SIZE_FOR_LEVEL(level: int) -> int:
     """Model: bytes mapped by one SPTE at @level (KVM_HPAGE_SIZE())."""
     return KVM_PAGES_PER_HPAGE(level) << PAGE_SHIFT
 
@@ -388,9 +386,7 @@ def spte_has_volatile_bits(m: SpteMasks, spte: int) -> bool:
     if is_access_track_spte(m, spte):
         return True
     if spte_ad_enabled(spte):
-        if not (spte & m.shadow_accessed_mask) or (
-            is_writable_pte(spte) and not (spte & m.shadow_dirty_mask)
-        ):
+        if not (spte & m.shadow_accessed_mask) or (is_writable_pte(spte) and not (spte & m.shadow_dirty_mask)):
             return True
     return False
 
@@ -416,9 +412,9 @@ def mark_spte_for_access_track(m: SpteMasks, spte: Spte) -> Spte:
         return spte & ~m.shadow_acc_track_mask
     # Symbolic form of the same three cases.
     cleared_a = spte & ~_const(spte, m.shadow_accessed_mask)
-    tracked = (
-        spte | ((spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
-    ) & ~_const(spte, m.shadow_acc_track_mask)
+    tracked = (spte | ((spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)) & ~_const(
+        spte, m.shadow_acc_track_mask
+    )
     return _if(
         spte_ad_enabled(spte),
         cleared_a,
@@ -430,9 +426,7 @@ def restore_acc_track_spte(m: SpteMasks, spte: Spte) -> Spte:
     """Undo mark_spte_for_access_track() for an A/D-disabled SPTE (spte.h)."""
     saved_bits = _lshr(spte, SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
     spte = spte & ~_const(spte, m.shadow_acc_track_mask)
-    spte = spte & ~_const(
-        spte, SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
-    )
+    spte = spte & ~_const(spte, SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
     return spte | saved_bits
 
 
@@ -492,7 +486,7 @@ def make_mmio_spte(m: SpteMasks, generation: int, gfn: int, access: int) -> int:
 
 
 def get_mmio_spte_gfn(spte: int) -> int:
-    return (spte & SPTE_BASE_ADDR_MASK & ~((1 << 51))) >> PAGE_SHIFT
+    return (spte & SPTE_BASE_ADDR_MASK & ~(1 << 51)) >> PAGE_SHIFT
 
 
 def make_huge_page_split_spte(

@@ -72,9 +72,7 @@ class TdpIter:
     yielded: bool = False
 
 
-def for_each_tdp_pte_min_level(
-    kvm: Kvm, root: KvmMmuPage, min_level: int, start: int, end: int
-) -> Iterator[TdpIter]:
+def for_each_tdp_pte_min_level(kvm: Kvm, root: KvmMmuPage, min_level: int, start: int, end: int) -> Iterator[TdpIter]:
     """Pre-order walk over SPTEs at levels >= @min_level covering gfns [start, end)."""
 
     def rec(sp: KvmMmuPage, level: int, base: int) -> Iterator[TdpIter]:
@@ -136,7 +134,14 @@ def tdp_mmu_zap_root(kvm: Kvm, root: KvmMmuPage) -> None:
     for i in range(SPTE_ENT_PER_PAGE):
         old = root.spt[i]
         if is_shadow_present_pte(old):
-            tdp_mmu_set_spte(kvm, Sptep(root, i), old, SHADOW_NONPRESENT_VALUE, i * KVM_PAGES_PER_HPAGE(root.role.level), root.role.level)
+            tdp_mmu_set_spte(
+                kvm,
+                Sptep(root, i),
+                old,
+                SHADOW_NONPRESENT_VALUE,
+                i * KVM_PAGES_PER_HPAGE(root.role.level),
+                root.role.level,
+            )
 
 
 def kvm_tdp_mmu_zap_invalidated_roots(kvm: Kvm) -> None:

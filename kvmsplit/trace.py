@@ -49,7 +49,12 @@ class OpSpec:
 
 def _access(kvm: Kvm, vcpu: int, addr: int, access: str, pte: list[int] | None) -> dict[str, Any]:
     r = mmu.kvm_vcpu_access(
-        kvm, vcpu, addr, write=access == "write", exec=access == "exec", data=tuple(pte) if pte is not None else None
+        kvm,
+        vcpu,
+        addr,
+        write=access == "write",
+        exec=access == "exec",
+        data=(pte[0], pte[1]) if pte is not None else None,
     )
     return {"outcome": r.outcome, "gfn": r.gfn, "faults": r.faults}
 
@@ -65,7 +70,16 @@ def _run(kvm: Kvm, vcpu: int, start: int, end: int, stride: int, access: str) ->
     return outcomes
 
 
-def _identity_map(kvm: Kvm, format: str, root_gfn: int, table_gfns: list[int], gfn_start: int, npages: int, page_level: int, access: int) -> None:
+def _identity_map(
+    kvm: Kvm,
+    format: str,
+    root_gfn: int,
+    table_gfns: list[int],
+    gfn_start: int,
+    npages: int,
+    page_level: int,
+    access: int,
+) -> None:
     guest_build_identity_map(
         kvm,
         EPT_GPT if format == "ept" else X86_GPT,
@@ -89,7 +103,9 @@ def _clear_dirty_log(kvm: Kvm, slot: int, first_page: int, num_pages: int, gfns:
     for gfn in gfns:
         rel = gfn - s.base_gfn - first_page
         if not 0 <= rel < num_pages:
-            raise HarnessError(f"kvm_clear_dirty_log: gfn {gfn:#x} is outside pages {first_page:#x}+{num_pages:#x} of slot {slot}")
+            raise HarnessError(
+                f"kvm_clear_dirty_log: gfn {gfn:#x} is outside pages {first_page:#x}+{num_pages:#x} of slot {slot}"
+            )
         bitmap[rel >> 3] |= 1 << (rel & 7)
     x86.kvm_clear_dirty_log(kvm, slot, first_page, num_pages, bytes(bitmap))
 
@@ -120,7 +136,9 @@ def _op(name: str, run: Callable[..., Any], doc: str, *args: Arg) -> None:
 
 _op(
     "kvm_set_user_memory_region",
-    lambda kvm, slot, flags, gpa, size, hva, backing: x86.kvm_set_user_memory_region(kvm, slot, flags, gpa, size, hva, backing),
+    lambda kvm, slot, flags, gpa, size, hva, backing: x86.kvm_set_user_memory_region(
+        kvm, slot, flags, gpa, size, hva, backing
+    ),
     "KVM_SET_USER_MEMORY_REGION: create, delete (size 0), move or change flags",
     Arg("slot", "int"),
     Arg("flags", "int", False, 0),
@@ -160,10 +178,32 @@ _op(
     Arg("page_level", "int"),
     Arg("access", "int", False, 7),
 )
-_op("kvm_set_cr3", lambda kvm, vcpu, root_gfn: x86.kvm_set_cr3(kvm, vcpu, root_gfn), "guest CR3 load (shadow paging)", Arg("vcpu", "int", False, 0), Arg("root_gfn", "int"))
-_op("nested_vmx_enter", lambda kvm, vcpu, eptp_gfn: x86.nested_vmx_enter(kvm, vcpu, eptp_gfn), "VMLAUNCH/VMRESUME into L2 with L1's EPT", Arg("vcpu", "int", False, 0), Arg("eptp_gfn", "int"))
-_op("nested_vmx_vmexit", lambda kvm, vcpu: x86.nested_vmx_vmexit(kvm, vcpu), "exit from L2 to L1", Arg("vcpu", "int", False, 0))
-_op("kvm_guest_tlb_flush", lambda kvm, vcpu: x86.kvm_guest_tlb_flush(kvm, vcpu), "guest TLB flush: CR3 reload or INVEPT", Arg("vcpu", "int", False, 0))
+_op(
+    "kvm_set_cr3",
+    lambda kvm, vcpu, root_gfn: x86.kvm_set_cr3(kvm, vcpu, root_gfn),
+    "guest CR3 load (shadow paging)",
+    Arg("vcpu", "int", False, 0),
+    Arg("root_gfn", "int"),
+)
+_op(
+    "nested_vmx_enter",
+    lambda kvm, vcpu, eptp_gfn: x86.nested_vmx_enter(kvm, vcpu, eptp_gfn),
+    "VMLAUNCH/VMRESUME into L2 with L1's EPT",
+    Arg("vcpu", "int", False, 0),
+    Arg("eptp_gfn", "int"),
+)
+_op(
+    "nested_vmx_vmexit",
+    lambda kvm, vcpu: x86.nested_vmx_vmexit(kvm, vcpu),
+    "exit from L2 to L1",
+    Arg("vcpu", "int", False, 0),
+)
+_op(
+    "kvm_guest_tlb_flush",
+    lambda kvm, vcpu: x86.kvm_guest_tlb_flush(kvm, vcpu),
+    "guest TLB flush: CR3 reload or INVEPT",
+    Arg("vcpu", "int", False, 0),
+)
 _op(
     "kvm_enable_cap_manual_dirty_log_protect",
     lambda kvm, flags: x86.kvm_vm_ioctl_enable_cap_manual_dirty_log_protect(kvm, flags),
@@ -180,12 +220,43 @@ _op(
     Arg("num_pages", "int"),
     Arg("gfns", "intlist"),
 )
-_op("kvm_vm_ioctl_set_nr_mmu_pages", lambda kvm, nr: x86.kvm_vm_ioctl_set_nr_mmu_pages(kvm, nr), "KVM_SET_NR_MMU_PAGES", Arg("nr", "int"))
-_op("set_eager_page_split", lambda kvm, value: x86.set_eager_page_split(kvm, value), "write the eager_page_split module parameter", Arg("value", "bool"))
-_op("set_nx_huge_pages", lambda kvm, value: x86.set_nx_huge_pages(kvm, value), "write the nx_huge_pages module parameter", Arg("value", "bool"))
-_op("host_thp_split", lambda kvm, hva: x86.host_thp_split(kvm, hva), "the host splits the huge page at hva (MMU notifier)", Arg("hva", "int"))
-_op("host_thp_collapse", lambda kvm, hva: x86.host_thp_collapse(kvm, hva), "the host collapses the 2M frame at hva (MMU notifier)", Arg("hva", "int"))
-_op("host_madv_dontneed", lambda kvm, hva, size: x86.host_madv_dontneed(kvm, hva, size), "MADV_DONTNEED on the host (MMU notifier)", Arg("hva", "int"), Arg("size", "int"))
+_op(
+    "kvm_vm_ioctl_set_nr_mmu_pages",
+    lambda kvm, nr: x86.kvm_vm_ioctl_set_nr_mmu_pages(kvm, nr),
+    "KVM_SET_NR_MMU_PAGES",
+    Arg("nr", "int"),
+)
+_op(
+    "set_eager_page_split",
+    lambda kvm, value: x86.set_eager_page_split(kvm, value),
+    "write the eager_page_split module parameter",
+    Arg("value", "bool"),
+)
+_op(
+    "set_nx_huge_pages",
+    lambda kvm, value: x86.set_nx_huge_pages(kvm, value),
+    "write the nx_huge_pages module parameter",
+    Arg("value", "bool"),
+)
+_op(
+    "host_thp_split",
+    lambda kvm, hva: x86.host_thp_split(kvm, hva),
+    "the host splits the huge page at hva (MMU notifier)",
+    Arg("hva", "int"),
+)
+_op(
+    "host_thp_collapse",
+    lambda kvm, hva: x86.host_thp_collapse(kvm, hva),
+    "the host collapses the 2M frame at hva (MMU notifier)",
+    Arg("hva", "int"),
+)
+_op(
+    "host_madv_dontneed",
+    lambda kvm, hva, size: x86.host_madv_dontneed(kvm, hva, size),
+    "MADV_DONTNEED on the host (MMU notifier)",
+    Arg("hva", "int"),
+    Arg("size", "int"),
+)
 _op(
     "host_clear_young",
     lambda kvm, hva, size: mmu.kvm_mmu_notifier_clear_young(kvm, hva, hva + size),
@@ -203,12 +274,11 @@ def validate_op(index: int, raw: Any) -> tuple[OpSpec, dict[str, Any]]:
         raise HarnessError(f"{where}: expected an object, got {type(raw).__name__}")
     name = raw.get("op")
     if name == "expect":
-        spec = OpSpec("expect", (), _expect, "check page stats")
-        args = {k: v for k, v in raw.items() if k != "op"}
-        for k, v in args.items():
+        expected = {k: v for k, v in raw.items() if k != "op"}
+        for k, v in expected.items():
             if not isinstance(v, int) or isinstance(v, bool):
                 raise HarnessError(f"{where} (expect): field {k!r} must be an int, got {v!r}")
-        return spec, args
+        return OpSpec("expect", (), _expect, "check page stats"), expected
     if name not in OPS:
         raise HarnessError(f"{where}: unknown operation {name!r}; known: {', '.join(sorted(OPS))}, expect")
     spec = OPS[name]
@@ -228,16 +298,20 @@ def validate_op(index: int, raw: Any) -> tuple[OpSpec, dict[str, Any]]:
             "int": isinstance(v, int) and not isinstance(v, bool) and v >= 0,
             "bool": isinstance(v, bool),
             "str": isinstance(v, str) and (not a.choices or v in a.choices),
-            "intlist": isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v),
+            "intlist": isinstance(v, list)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v),
             "pte": v is None
             or (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
         }[a.kind]
         if v is None and not a.required and a.kind != "pte":
             ok = True
         if not ok:
-            want = {"int": "a non-negative int", "bool": "true or false", "intlist": "a list of non-negative ints", "pte": "[index, value]"}.get(
-                a.kind, f"one of {list(a.choices)}" if a.choices else "a string"
-            )
+            want = {
+                "int": "a non-negative int",
+                "bool": "true or false",
+                "intlist": "a list of non-negative ints",
+                "pte": "[index, value]",
+            }.get(a.kind, f"one of {list(a.choices)}" if a.choices else "a string")
             raise HarnessError(f"{where} ({name}): field {a.name!r} must be {want}, got {v!r}")
         args[a.name] = v
     return spec, args
@@ -315,7 +389,9 @@ def load_trace(text: str, source: str = "<trace>") -> tuple[TraceConfig, list[di
     if doc.get("format") != TRACE_FORMAT:
         raise HarnessError(f"{source}: field 'format' is {doc.get('format')!r}, expected {TRACE_FORMAT!r}")
     if doc.get("version") != TRACE_VERSION:
-        raise HarnessError(f"{source}: trace version {doc.get('version')!r} is not supported (this kvmsplit reads {TRACE_VERSION})")
+        raise HarnessError(
+            f"{source}: trace version {doc.get('version')!r} is not supported (this kvmsplit reads {TRACE_VERSION})"
+        )
     ops = doc.get("ops")
     if not isinstance(ops, list):
         raise HarnessError(f"{source}: field 'ops' must be a list")
@@ -348,7 +424,8 @@ def run_trace(
             want = ops[i].get("expect")
             if want is not None and spec.name == "kvm_get_dirty_log" and out["gfns"] != want:
                 raise InvariantViolation(
-                    "scenario_expectation", f"KVM_GET_DIRTY_LOG reported gfns {out['gfns'][:8]}..., the scenario expects {want[:8]}..."
+                    "scenario_expectation",
+                    f"KVM_GET_DIRTY_LOG reported gfns {out['gfns'][:8]}..., the scenario expects {want[:8]}...",
                 )
             if checker is not None:
                 checker.after_operation()

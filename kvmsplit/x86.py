@@ -94,7 +94,7 @@ def kvm_set_user_memory_region(
         shadow_mmu.kvm_mmu_zap_all_fast(kvm)
 
     new: KvmMemorySlot | None = None
-    if change == KVM_MR_CREATE or change == KVM_MR_MOVE:
+    if change in (KVM_MR_CREATE, KVM_MR_MOVE):
         new = KvmMemorySlot(id=slot_id, base_gfn=base_gfn, npages=npages, userspace_addr=userspace_addr, flags=flags)
     elif change == KVM_MR_FLAGS_ONLY:
         assert old is not None
@@ -217,8 +217,10 @@ def kvm_clear_dirty_log(kvm: Kvm, slot_id: int, first_page: int, num_pages: int,
     slot = _dirty_log_slot(kvm, slot_id, where)
     if not isinstance(num_pages, int) or num_pages < 0:
         raise HarnessError(f"{where}: num_pages {num_pages!r} is negative (-EINVAL)")
-    if first_page > slot.npages or num_pages > slot.npages - first_page or (
-        num_pages < slot.npages - first_page and num_pages & 63
+    if (
+        first_page > slot.npages
+        or num_pages > slot.npages - first_page
+        or (num_pages < slot.npages - first_page and num_pages & 63)
     ):
         raise HarnessError(
             f"{where}: pages {first_page:#x}+{num_pages:#x} do not fit slot {slot_id} of {slot.npages:#x} pages (-EINVAL)"
@@ -371,7 +373,7 @@ def gpa_to_slot(kvm: Kvm, gfn: int, where: str) -> KvmMemorySlot:
 
 __all__ = [
     "PG_LEVEL_4K",
-    "kvm_set_user_memory_region",
-    "kvm_get_dirty_log",
     "kvm_clear_dirty_log",
+    "kvm_get_dirty_log",
+    "kvm_set_user_memory_region",
 ]

@@ -25,10 +25,17 @@ from kvmsplit import shadow_mmu
 from kvmsplit.errors import kvm_bug_on
 from kvmsplit.kvm import Kvm
 from kvmsplit.memslot import KvmMemorySlot
-from kvmsplit.mmu_page import KVM_MMU_HASH_SHIFT, KvmMmuPage, hash_64, kvm_mmu_child_role, kvm_mmu_page_get_access, kvm_mmu_page_get_gfn
+from kvmsplit.mmu_page import (
+    KVM_MMU_HASH_SHIFT,
+    KvmMmuPage,
+    hash_64,
+    kvm_mmu_child_role,
+    kvm_mmu_page_get_access,
+    kvm_mmu_page_get_gfn,
+)
 from kvmsplit.rmap import Sptep
-from kvmsplit.spte import is_large_pte
 from kvmsplit.split import MergedSplit, split_caches, split_env
+from kvmsplit.spte import is_large_pte
 
 
 class V3Split(MergedSplit):
@@ -44,7 +51,9 @@ class V3Split(MergedSplit):
             kvm.mmu_unlock("kvm_mmu_slot_try_split_huge_pages tdp")
         self.free_split_caches(kvm)
 
-    def kvm_mmu_try_split_huge_pages(self, kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int) -> None:
+    def kvm_mmu_try_split_huge_pages(
+        self, kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int
+    ) -> None:
         if kvm.kvm_memslots_have_rmaps():
             self.kvm_shadow_mmu_try_split_huge_pages(kvm, slot, start, end, target_level)
         if kvm.tdp_mmu_enabled:

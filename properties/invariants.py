@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from kvmsplit.kvm import Kvm
-from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, gfn_to_index, gfn_to_rmap
+from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, gfn_to_index
 from kvmsplit.mmu_page import (
     KVM_MMU_HASH_SHIFT,
     KvmMmuPage,
@@ -21,7 +21,7 @@ from kvmsplit.mmu_page import (
     kvm_mmu_page_get_gfn,
     sp_has_gptes,
 )
-from kvmsplit.rmap import Sptep, pte_list_count, pte_list_desc_shape_ok, rmap_iter
+from kvmsplit.rmap import pte_list_count, pte_list_desc_shape_ok, rmap_iter
 from kvmsplit.shadow_mmu import is_obsolete_sp
 from kvmsplit.spte import (
     ACC_WRITE_MASK,
@@ -177,7 +177,9 @@ def shadow_page_hash_unique(kvm: Kvm) -> None:
             fail("shadow_page_hash_unique", f"active {sp!r} is not hashed")
 
 
-@invariant(kernel="kvm_mmu_page_get_gfn(), kvm_mmu_page_set_translation()", mutant="mutants/split_pfn_offset_wrong_level")
+@invariant(
+    kernel="kvm_mmu_page_get_gfn(), kvm_mmu_page_set_translation()", mutant="mutants/split_pfn_offset_wrong_level"
+)
 def direct_page_gfn_aligned(kvm: Kvm) -> None:
     """A direct page's gfn is aligned to the span it maps (512^level pages)."""
     for sp in live_pages(kvm):
@@ -258,7 +260,9 @@ def rmap_holds_exactly_present_leaves(kvm: Kvm) -> None:
             for index, head in heads.items():
                 shape = pte_list_desc_shape_ok(head)
                 if shape:
-                    fail("rmap_holds_exactly_present_leaves", f"slot {slot.id} level {level0 + 1} rmap {index}: {shape}")
+                    fail(
+                        "rmap_holds_exactly_present_leaves", f"slot {slot.id} level {level0 + 1} rmap {index}: {shape}"
+                    )
                 if pte_list_count(head) == 0:
                     fail("rmap_holds_exactly_present_leaves", f"slot {slot.id} keeps an empty rmap head {index}")
                 for sptep in rmap_iter(head):
@@ -287,14 +291,20 @@ def unsync_children_counted(kvm: Kvm) -> None:
         if sp.tdp_mmu_page:
             continue
         if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
-            fail("unsync_children_counted", f"{sp!r} unsync_children={sp.unsync_children} bitmap={sp.unsync_child_bitmap:#x}")
+            fail(
+                "unsync_children_counted",
+                f"{sp!r} unsync_children={sp.unsync_children} bitmap={sp.unsync_child_bitmap:#x}",
+            )
         if sp.unsync or sp.unsync_children:
             for p in rmap_iter(sp.parent_ptes):
                 if not p.sp.unsync_child_bitmap & (1 << p.index):
                     fail("unsync_children_counted", f"{sp!r} is unsync below {p!r} but the parent bit is clear")
 
 
-@invariant(kernel="account_shadowed(), __kvm_write_track_add_gfn(), mmu_try_to_unsync_pages()", mutant="mutants/split_ignores_write_track")
+@invariant(
+    kernel="account_shadowed(), __kvm_write_track_add_gfn(), mmu_try_to_unsync_pages()",
+    mutant="mutants/split_ignores_write_track",
+)
 def shadowed_gfns_write_protected(kvm: Kvm) -> None:
     """Upper-level guest tables are write-tracked once each; no writable SPTE maps a tracked gfn or a synced 4K guest table."""
     if not kvm.shadow_root_allocated and kvm.config.tdp_enabled:
@@ -311,15 +321,21 @@ def shadowed_gfns_write_protected(kvm: Kvm) -> None:
         elif not sp.unsync:
             synced_4k.add(sp.gfn)
     if accounted != kvm.indirect_shadow_pages:
-        fail("shadowed_gfns_write_protected", f"indirect_shadow_pages={kvm.indirect_shadow_pages}, {accounted} accounted pages")
+        fail(
+            "shadowed_gfns_write_protected",
+            f"indirect_shadow_pages={kvm.indirect_shadow_pages}, {accounted} accounted pages",
+        )
     for slot in kvm.memslots.values():
         for index, count in slot.gfn_write_track.items():
             gfn = slot.base_gfn + index
             if count != tracked.get(gfn, 0):
-                fail("shadowed_gfns_write_protected", f"gfn {gfn:#x} write-track count {count}, {tracked.get(gfn, 0)} upper-level pages")
+                fail(
+                    "shadowed_gfns_write_protected",
+                    f"gfn {gfn:#x} write-track count {count}, {tracked.get(gfn, 0)} upper-level pages",
+                )
     for gfn, n in tracked.items():
-        slot = kvm.gfn_to_memslot(gfn)
-        if slot is not None and slot.gfn_write_track.get(gfn - slot.base_gfn, 0) != n:
+        owner = kvm.gfn_to_memslot(gfn)
+        if owner is not None and owner.gfn_write_track.get(gfn - owner.base_gfn, 0) != n:
             fail("shadowed_gfns_write_protected", f"gfn {gfn:#x} is shadowed above 4K but not write-tracked")
     protected = set(tracked) | synced_4k
     if not protected:
@@ -336,7 +352,9 @@ def shadowed_gfns_write_protected(kvm: Kvm) -> None:
 # --- accounting ---------------------------------------------------------------------------
 
 
-@invariant(kernel="kvm_account_mmu_page(), kvm_unaccount_mmu_page(), tdp_account_mmu_page()", mutant="mutants/split_no_account")
+@invariant(
+    kernel="kvm_account_mmu_page(), kvm_unaccount_mmu_page(), tdp_account_mmu_page()", mutant="mutants/split_no_account"
+)
 def mmu_pages_accounted(kvm: Kvm) -> None:
     """n_used_mmu_pages counts shadow pages not yet zapped (and zapped roots still referenced); tdp_mmu_pages counts linked TDP tables."""
     shadow = [sp for sp in live_pages(kvm) if not sp.tdp_mmu_page]
@@ -382,7 +400,9 @@ _SPAN = (0, 1, 512, 512 * 512, 512 * 512 * 512, 512**4)
 _BASE_MASK = 0x000F_FFFF_FFFF_F000
 
 
-def _leaf_allowed(kvm: Kvm, sp: KvmMmuPage, i: int, spte: int, want_pfn: int, access: int, dirty: bool, strict: bool) -> str | None:
+def _leaf_allowed(
+    kvm: Kvm, sp: KvmMmuPage, i: int, spte: int, want_pfn: int, access: int, dirty: bool, strict: bool
+) -> str | None:
     m = kvm.masks
     base = (spte & _BASE_MASK) >> PAGE_SHIFT
     if base != want_pfn:
@@ -397,7 +417,9 @@ def _leaf_allowed(kvm: Kvm, sp: KvmMmuPage, i: int, spte: int, want_pfn: int, ac
     return None
 
 
-def _region_allowed(kvm: Kvm, sp: KvmMmuPage, page: int, npages: int, pfn: int, access: int, dirty: bool, strict: bool) -> str | None:
+def _region_allowed(
+    kvm: Kvm, sp: KvmMmuPage, page: int, npages: int, pfn: int, access: int, dirty: bool, strict: bool
+) -> str | None:
     """Is every page of the cached region [page, +npages) mapped by @sp's subtree as cached?"""
     level = sp.role.level
     span = _SPAN[level]
@@ -432,13 +454,12 @@ def _region_allowed(kvm: Kvm, sp: KvmMmuPage, page: int, npages: int, pfn: int, 
             return f"{sp!r}[{i}] points at a freed table"
         if npages > _SPAN[level - 1]:
             # The cached leaf was bigger than this table's entries: a split.
-            n = span // _SPAN[level - 1]
             sub = _SPAN[level - 1]
             for k in range(npages // sub):
                 err = _region_allowed(kvm, child, page + k * sub, sub, pfn + k * sub, access, dirty, strict)
                 if err:
                     return err
-            return None if n else None
+            return None
         sp = child
         level -= 1
         span = _SPAN[level]
@@ -456,7 +477,14 @@ def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
                     continue
                 addr = frame << (PAGE_SHIFT + KVM_HPAGE_GFN_SHIFT(level))
                 err = _region_allowed(
-                    kvm, root, addr >> PAGE_SHIFT, KVM_PAGES_PER_HPAGE(level), entry.pfn, entry.access, entry.dirty, strict
+                    kvm,
+                    root,
+                    addr >> PAGE_SHIFT,
+                    KVM_PAGES_PER_HPAGE(level),
+                    entry.pfn,
+                    entry.access,
+                    entry.dirty,
+                    strict,
                 )
                 if err:
                     fail(
@@ -465,26 +493,42 @@ def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
                     )
 
 
-@invariant(kernel="kvm_flush_remote_tlbs() before returning to userspace", mutant="mutants/split_no_flush_on_nonleaf_reuse", kind="return")
+@invariant(
+    kernel="kvm_flush_remote_tlbs() before returning to userspace",
+    mutant="mutants/split_no_flush_on_nonleaf_reuse",
+    kind="return",
+)
 def tlb_translations_allowed_strict(kvm: Kvm) -> None:
     """When an ioctl returns, every translation a vCPU TLB caches is allowed by the SPTEs, dirty bits included."""
     tlb_translations_allowed(kvm, strict=True)
 
 
-@invariant(kernel="flush before dropping mmu_lock (spte.h, kvm_mmu_commit_zap_page())", mutant="mutants/split_no_flush_on_nonleaf_reuse", kind="unlock")
+@invariant(
+    kernel="flush before dropping mmu_lock (spte.h, kvm_mmu_commit_zap_page())",
+    mutant="mutants/split_no_flush_on_nonleaf_reuse",
+    kind="unlock",
+)
 def tlb_translations_allowed_at_unlock(kvm: Kvm) -> None:
     """Whenever mmu_lock is dropped, every cached translation is allowed by the SPTEs (dirty-logging W clears excepted)."""
     tlb_translations_allowed(kvm, strict=False)
 
 
-@invariant(kernel="kvm_flush_remote_tlbs() before releasing mmu_lock", mutant="mutants/zap_without_flush", kind="unlock")
+@invariant(
+    kernel="kvm_flush_remote_tlbs() before releasing mmu_lock", mutant="mutants/zap_without_flush", kind="unlock"
+)
 def flush_debt_paid_at_unlock(kvm: Kvm) -> None:
     """No zap, unlink or MMU-writable clear is left unflushed when mmu_lock is dropped."""
     if kvm.tlb_flush_debt:
-        fail("flush_debt_paid_at_unlock", f"{len(kvm.tlb_flush_debt)} unflushed changes, first: {kvm.tlb_flush_debt[0]}")
+        fail(
+            "flush_debt_paid_at_unlock", f"{len(kvm.tlb_flush_debt)} unflushed changes, first: {kvm.tlb_flush_debt[0]}"
+        )
 
 
-@invariant(kernel="kvm_flush_remote_tlbs_memslot() before the ioctl returns", mutant="mutants/dirty_log_no_flush", kind="return")
+@invariant(
+    kernel="kvm_flush_remote_tlbs_memslot() before the ioctl returns",
+    mutant="mutants/dirty_log_no_flush",
+    kind="return",
+)
 def flush_debt_paid_at_return(kvm: Kvm) -> None:
     """No change that needs a TLB flush, dirty-logging ones included, is left unflushed when an ioctl returns."""
     debt = kvm.tlb_flush_debt + kvm.tlb_flush_debt_deferred
