@@ -90,8 +90,14 @@ def _run(cfg: Any, ops: list[dict[str, Any]], title: str, as_json: bool) -> int:
         from kvmsplit.properties.registry import INVARIANTS
 
         click.echo(
-            f"  {len(result.steps)} operations, {len(INVARIANTS)} invariants checked after each and at every mmu_lock release"
+            f"  {len(result.steps)} operations; {len(INVARIANTS)} invariants checked "
+            f"{result.step_checks} times after operations and {result.unlock_checks} times at mmu_lock releases"
         )
+        for rec in result.steps:
+            if rec.op.get("op") == "expect" and rec.index != result.failed_step:
+                want = ", ".join(f"{k}={v}" for k, v in rec.op.items() if k != "op")
+                shown = ", ".join(f"{k}={rec.stats[k]}" for k in ("pages_4k", "pages_2m", "pages_1g"))
+                click.echo(f"  checkpoint after operation {rec.index}: {shown} (expected {want})")
         if result.ok:
             click.echo("all invariants held; page stats:")
         else:

@@ -373,6 +373,9 @@ class TraceResult:
     kvm: Kvm
     failure: Exception | None = None
     failed_step: int | None = None
+    # Model: how many times the invariants ran (after operations, at mmu_lock releases).
+    step_checks: int = 0
+    unlock_checks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -433,9 +436,11 @@ def run_trace(
             result.failure = e
             result.failed_step = i
             result.steps.append(StepRecord(i, ops[i], None, kvm.stat.as_dict()))
-            return result
+            break
         rec = StepRecord(i, ops[i], out, kvm.stat.as_dict())
         result.steps.append(rec)
         if on_step is not None:
             on_step(rec)
+    if checker is not None:
+        result.step_checks, result.unlock_checks = checker.step_checks, checker.unlock_checks
     return result
