@@ -213,6 +213,7 @@ def mmu_set_spte(
     gfn: int,
     pfn: int | None,
     fault: KvmPageFault | None,
+    vcpu: KvmVcpu | None = None,
 ) -> int:
     sp = sptep.sp
     level = sp.role.level
@@ -236,6 +237,8 @@ def mmu_set_spte(
             was_rmapped = True
     if slot is None or pfn is None:
         # MMIO: cache the gfn in a non-present SPTE (mark_mmio_spte()).
+        if vcpu is not None:
+            vcpu.stat.pf_mmio_spte_created += 1
         if kvm.config.mmio_caching:
             sptep.sp.spt[sptep.index] = make_mmio_spte(kvm.masks, kvm.memslots_generation, gfn, pte_access)
         if flush:
@@ -263,14 +266,20 @@ def direct_pte_prefetch_many(kvm: Kvm, sp: KvmMmuPage, start: int, end: int) -> 
     slot = gfn_to_memslot_dirty_bitmap(kvm, gfn, bool(access & ACC_WRITE_MASK))
     if slot is None:
         return -1
-    for i in range(start, end):
-        g = gfn + (i - start)
-        if not slot.contains(g):
-            return -1
-        pfn = gfn_to_pfn_atomic(kvm, slot, g)
+    # gfn_to_page_many_atomic(): nothing if the run leaves the slot, else the
+    # already-populated prefix of the run.
+    if gfn + (end - start) > slot.end_gfn:
+        return -1
+    pfns = []
+    for i in range(end - start):
+        pfn = gfn_to_pfn_atomic(kvm, slot, gfn + i)
         if pfn is None:
-            return -1
-        mmu_set_spte(kvm, slot, Sptep(sp, i), access, g, pfn, None)
+            break
+        pfns.append(pfn)
+    if not pfns:
+        return -1
+    for i, pfn in enumerate(pfns):
+        mmu_set_spte(kvm, slot, Sptep(sp, start + i), access, gfn + i, pfn, None)
     return 0
 
 
@@ -338,7 +347,7 @@ def direct_map(kvm: Kvm, vcpu: KvmVcpu, fault: KvmPageFault) -> int:
                 shadow_mmu.account_nx_huge_page(kvm, child, fault.req_level >= level)
         sp = kvm.spte_to_child_sp(sptep.spte)
         level -= 1
-    ret = mmu_set_spte(kvm, fault.slot, sptep, ACC_ALL, base_gfn, fault.pfn, fault)
+    ret = mmu_set_spte(kvm, fault.slot, sptep, ACC_ALL, base_gfn, fault.pfn, fault, vcpu)
     if ret == RET_PF_SPURIOUS:
         return ret
     direct_pte_prefetch(kvm, sptep)
@@ -486,6 +495,10 @@ def kvm_mmu_load(kvm: Kvm, vcpu: KvmVcpu) -> None:
     from kvmsplit import paging_tmpl
 
     ctx = vcpu.mmu
+    # kvm_mmu_load() ends with kvm_x86_flush_tlb_current(): nothing cached under
+    # the old root is used again.  Model: drop it up front, so the checks at the
+    # mmu_lock releases inside the load do not read it as the new root's.
+    vcpu.tlb.flush_context(ctx.name)
     role = mmu_root_role(kvm, vcpu)
     if role.direct:
         if kvm.tdp_mmu_enabled:
@@ -505,7 +518,6 @@ def kvm_mmu_load(kvm: Kvm, vcpu: KvmVcpu) -> None:
         ctx.root = shadow_mmu.mmu_alloc_root(kvm, vcpu, ctx, role, ctx.pgd)
     kvm.mmu_unlock("mmu_alloc_roots")
     paging_tmpl.kvm_mmu_sync_roots(kvm, vcpu)
-    # kvm_x86_flush_tlb_current(): a new root starts with an empty TLB.
     vcpu.tlb.flush_context(ctx.name)
 
 

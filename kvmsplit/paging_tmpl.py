@@ -151,7 +151,7 @@ def fname_fetch(kvm: Kvm, vcpu: KvmVcpu, fault: KvmPageFault, gw: GuestWalker, f
                 shadow_mmu.account_nx_huge_page(kvm, child, fault.req_level >= level)
         sp = kvm.spte_to_child_sp(sptep.spte)
         level -= 1
-    ret = mmu_set_spte(kvm, fault.slot, sptep, gw.pte_access, base_gfn, fault.pfn, fault)
+    ret = mmu_set_spte(kvm, fault.slot, sptep, gw.pte_access, base_gfn, fault.pfn, fault, vcpu)
     if ret != RET_PF_SPURIOUS:
         fname_pte_prefetch(kvm, vcpu, gw, sptep, fmt)
     return ret

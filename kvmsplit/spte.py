@@ -551,10 +551,13 @@ def make_spte(
     synchronizing: bool,
     host_writable: bool,
 ) -> tuple[bool, int]:
-    """Build a leaf SPTE; return (wrprot, new_spte) (spte.c make_spte(), ~v6.9).
+    """Build a leaf SPTE; return (wrprot, new_spte) (spte.c make_spte(), baseline B).
 
     wrprot is true when the guest asked for write access but KVM had to map
     the page read-only because the gfn holds a shadowed guest page table.
+    @synchronizing is B's !can_unsync: FNAME(sync_spte) passes prefetch=true,
+    can_unsync=false, so a resynced SPTE starts access-tracked (newer kernels
+    mark it accessed instead).
     """
     from kvmsplit import shadow_mmu
     from kvmsplit.memslot import kvm_slot_dirty_track_enabled, mark_page_dirty_in_slot
@@ -569,7 +572,7 @@ def make_spte(
     elif kvm_mmu_page_ad_need_write_protect(kvm, sp):
         spte |= SPTE_TDP_AD_WRPROT_ONLY
     spte |= m.shadow_present_mask
-    if not prefetch or synchronizing:
+    if not prefetch:
         spte |= spte_shadow_accessed_mask(m, spte)
     # The NX huge page mitigation: huge pages are never executable.
     if level > PG_LEVEL_4K and (pte_access & ACC_EXEC_MASK) and kvm.is_nx_huge_page_enabled():
@@ -602,7 +605,7 @@ def make_spte(
             spte &= ~(PT_WRITABLE_MASK | m.shadow_mmu_writable_mask)
     if not skip_dirty and pte_access & ACC_WRITE_MASK:
         spte |= spte_shadow_dirty_mask(m, spte)
-    if prefetch and not synchronizing:
+    if prefetch:
         spte = mark_spte_for_access_track(m, spte)
     if (spte & PT_WRITABLE_MASK) and kvm_slot_dirty_track_enabled(slot):
         # kvm_mmu_hugepage_adjust() keeps dirty-logged slots at 4K.

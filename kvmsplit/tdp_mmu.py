@@ -223,7 +223,8 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
         return EBUSY
     it.sptep.sp.spt[it.sptep.index] = new_spte
     handle_changed_spte(kvm, it.gfn, it.old_spte, new_spte, it.level, True)
-    it.old_spte = new_spte
+    # try_cmpxchg64() refreshes old_spte only on failure: on success it still
+    # holds what was replaced, which callers test (e.g. for a table to flush).
     return 0
 
 
@@ -236,8 +237,8 @@ def tdp_mmu_set_spte(kvm: Kvm, sptep: Sptep, old_spte: int, new_spte: int, gfn: 
 
 
 def tdp_mmu_iter_set_spte(kvm: Kvm, it: TdpIter, new_spte: int) -> None:
+    # Like the kernel, old_spte keeps the value that was replaced.
     it.old_spte = tdp_mmu_set_spte(kvm, it.sptep, it.old_spte, new_spte, it.gfn, it.level)
-    it.old_spte = new_spte
 
 
 def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:

@@ -28,6 +28,7 @@ from kvmsplit.kvm import (
 from kvmsplit.memslot import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    KVM_MEMSLOT_INVALID,
     KvmMemorySlot,
     kvm_dirty_bitmap_bytes,
 )
@@ -88,10 +89,14 @@ def kvm_set_user_memory_region(
 
     if change in (KVM_MR_DELETE, KVM_MR_MOVE):
         assert old is not None
-        # kvm_invalidate_memslot() -> kvm_arch_flush_shadow_memslot(): a whole-VM fast zap.
-        del kvm.memslots[slot_id]
+        # kvm_invalidate_memslot(): the slot stays visible, flagged invalid, while
+        # kvm_arch_flush_shadow_memslot() zaps the whole VM (rmap_remove() still
+        # finds it); only then does it go.
+        old.flags |= KVM_MEMSLOT_INVALID
         kvm.memslots_generation += 1
         shadow_mmu.kvm_mmu_zap_all_fast(kvm)
+        old.flags &= ~KVM_MEMSLOT_INVALID
+        del kvm.memslots[slot_id]
 
     new: KvmMemorySlot | None = None
     if change in (KVM_MR_CREATE, KVM_MR_MOVE):
@@ -103,8 +108,9 @@ def kvm_set_user_memory_region(
     if new is not None:
         if not flags & KVM_MEM_LOG_DIRTY_PAGES:
             new.dirty_bitmap = None
-        elif old is not None and old.dirty_bitmap is not None and change != KVM_MR_MOVE:
-            pass
+        elif old is not None and old.dirty_bitmap is not None:
+            # Any change but a delete keeps the old bitmap (kvm_prepare_memory_region()).
+            new.dirty_bitmap = old.dirty_bitmap
         else:
             dirty_bitmap_alloc(new, kvm.kvm_dirty_log_manual_protect_and_init_set())
     old_flags = old.flags if old is not None else 0
@@ -116,14 +122,11 @@ def kvm_set_user_memory_region(
     if change == KVM_MR_DELETE:
         assert old is not None
         kvm.nr_memslot_pages -= old.npages
-        if old_flags & KVM_MEM_LOG_DIRTY_PAGES:
-            kvm.nr_memslots_dirty_logging -= 1
     elif change == KVM_MR_CREATE:
         kvm.nr_memslot_pages += npages
-    if change == KVM_MR_FLAGS_ONLY and (old_flags ^ flags) & KVM_MEM_LOG_DIRTY_PAGES:
-        kvm.nr_memslots_dirty_logging += 1 if flags & KVM_MEM_LOG_DIRTY_PAGES else -1
-    if change == KVM_MR_CREATE and flags & KVM_MEM_LOG_DIRTY_PAGES:
-        kvm.nr_memslots_dirty_logging += 1
+    new_flags = 0 if change == KVM_MR_DELETE else flags
+    if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+        kvm.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
     kvm_arch_commit_memory_region(kvm, old_flags, new, change)
     return change
 

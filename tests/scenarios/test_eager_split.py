@@ -16,7 +16,7 @@ from kvmsplit.spte import (
     is_large_pte,
     is_shadow_present_pte,
 )
-from tests.helpers import GiB, MiB, EptBuilder, add_slot, new_vm, run, set_logging
+from tests.helpers import EptBuilder, GiB, MiB, add_slot, new_vm, run, set_logging
 
 INIT_SET = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 

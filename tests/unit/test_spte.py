@@ -61,7 +61,6 @@ from tests.strategies import (
     MASK_SETS,
     VALID_WRITABLE_TRIADS,
     acc_bits,
-    aligned_pfns,
     host_aligned_pfns,
     huge_levels,
     leaf_sptes,
