@@ -92,6 +92,17 @@ def _identity_map(
     )
 
 
+def _store_table(kvm: Kvm, format: str, gfn: int, first_gfn: int, access: int) -> None:
+    from kvmsplit import shadow_mmu
+
+    if any(sp.gfn == gfn for sp in shadow_mmu.for_each_gfn_valid_sp_with_gptes(kvm, gfn)):
+        raise HarnessError(f"guest_store_table: gfn {gfn:#x} is shadowed; a guest store there goes through KVM")
+    if kvm.gfn_to_memslot(gfn) is None:
+        raise HarnessError(f"guest_store_table: gfn {gfn:#x} is in no memslot")
+    fmt = EPT_GPT if format == "ept" else X86_GPT
+    kvm.guest_tables[gfn] = [fmt.make_gpte(first_gfn + i, access) for i in range(512)]
+
+
 def _get_dirty_log(kvm: Kvm, slot: int) -> dict[str, Any]:
     bitmap = x86.kvm_get_dirty_log(kvm, slot)
     return {"gfns": dirty_bitmap_gfns(kvm.slot(slot), bitmap)}
@@ -112,6 +123,47 @@ def _clear_dirty_log(kvm: Kvm, slot: int, first_page: int, num_pages: int, gfns:
 
 def _zap(kvm: Kvm, start: int, end: int) -> None:
     mmu.kvm_zap_gfn_range(kvm, start, end)
+
+
+def _change_mmu_pages(kvm: Kvm, headroom: int) -> None:
+    from kvmsplit import shadow_mmu
+
+    shadow_mmu.kvm_mmu_change_mmu_pages(kvm, kvm.n_used_mmu_pages + headroom)
+    kvm.mmu_unlock("kvm_mmu_change_mmu_pages")
+
+
+def _split_env(kvm: Kvm, need_resched: int, topup_fails: int, tdp_alloc_fails: int) -> None:
+    env = kvm.model_split_env
+    env.need_resched += [True] * need_resched
+    env.topup_fails += [True] * topup_fails
+    env.tdp_alloc_fails += [True] * tdp_alloc_fails
+
+
+def _arm_tdp_race(kvm: Kvm, kind: str) -> None:
+    """Arm one racing change at the next TDP compare-and-exchange on a huge SPTE."""
+    from kvmsplit import tdp_mmu
+    from kvmsplit.spte import is_large_pte, is_shadow_present_pte
+
+    if kind == "none":
+        kvm.model_tdp_race = None
+        return
+
+    def race(k: Kvm, it: Any) -> None:
+        if not (is_shadow_present_pte(it.old_spte) and is_large_pte(it.old_spte)):
+            return
+        k.model_tdp_race = None
+        k.model_split_env.events[f"race_{kind}"] += 1
+        old = it.sptep.spte
+        if kind == "accessed":
+            # The CPU sets the accessed bit of a huge SPTE it walks.
+            it.sptep.sp.spt[it.sptep.index] = old | k.masks.shadow_accessed_mask
+        else:
+            # A concurrent zap (freeze, flush, clear) of the same SPTE.
+            it.sptep.sp.spt[it.sptep.index] = 0
+            tdp_mmu.handle_changed_spte(k, it.gfn, old, 0, it.level, True)
+            k.kvm_flush_remote_tlbs("racing tdp_mmu_zap_spte_atomic()")
+
+    kvm.model_tdp_race = race
 
 
 def _expect(kvm: Kvm, **expected: int) -> None:
@@ -176,6 +228,15 @@ _op(
     Arg("gfn_start", "int"),
     Arg("npages", "int"),
     Arg("page_level", "int"),
+    Arg("access", "int", False, 7),
+)
+_op(
+    "guest_store_table",
+    lambda kvm, format, gfn, first_gfn, access: _store_table(kvm, format, gfn, first_gfn, access),
+    "Model: the guest fills a fresh page (not yet shadowed) with 512 4K PTEs mapping first_gfn..+511",
+    Arg("format", "str", True, None, ("x86", "ept")),
+    Arg("gfn", "int"),
+    Arg("first_gfn", "int"),
     Arg("access", "int", False, 7),
 )
 _op(
@@ -263,6 +324,27 @@ _op(
     "the host ages pages (MMU notifier clear_young): A bits cleared, no flush",
     Arg("hva", "int"),
     Arg("size", "int"),
+)
+_op(
+    "kvm_mmu_change_mmu_pages",
+    lambda kvm, headroom: _change_mmu_pages(kvm, headroom),
+    "Model: set n_max_mmu_pages to n_used_mmu_pages + headroom (kvm_mmu_change_mmu_pages(), "
+    "without the ioctl's KVM_MIN_ALLOC_MMU_PAGES floor, so small VMs reach the split guard)",
+    Arg("headroom", "int"),
+)
+_op(
+    "model_split_env",
+    lambda kvm, need_resched, topup_fails, tdp_alloc_fails: _split_env(kvm, need_resched, topup_fails, tdp_alloc_fails),
+    "Model: queue split nondeterminism: -EAGAIN from need_resched(), failed top-ups, failed TDP allocations",
+    Arg("need_resched", "int", False, 0),
+    Arg("topup_fails", "int", False, 0),
+    Arg("tdp_alloc_fails", "int", False, 0),
+)
+_op(
+    "model_tdp_race",
+    lambda kvm, kind: _arm_tdp_race(kvm, kind),
+    "Model: another thread changes the next huge SPTE the TDP MMU is about to cmpxchg",
+    Arg("kind", "str", True, None, ("accessed", "zap", "none")),
 )
 _op("kvm_zap_gfn_range", _zap, "kvm_zap_gfn_range(start, end)", Arg("start", "int"), Arg("end", "int"))
 
