@@ -17,13 +17,12 @@ SPTEs and accesses per second, page faults taken, and memory: the peak RSS
 of the case's own process (ru_maxrss) and, in a separate traced run, the
 Python heap peak during step 3 (tracemalloc).
 
-Run:  .venv/bin/python benchmarks/bench_dirty_log.py [--size-mib 1024] [--no-tracemalloc]
+Run:  .venv/bin/python benchmarks/bench_dirty_log.py [--size-mib 1024] [--repeat N] [--no-tracemalloc]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from _common import (
@@ -38,8 +37,8 @@ from _common import (
     fmt_s,
     format_table,
     run_best_of,
-    start_info,
     run_child,
+    start_info,
 )
 
 from kvmsplit import mmu, tdp_mmu, x86

@@ -21,13 +21,13 @@ each, in the same process, the time to build a plain Python list of as many
 ints as SPTEs written.  Memory: the case process's peak RSS (ru_maxrss) and,
 in a separate traced run, the Python heap peak of the ioctl (tracemalloc).
 
-Run:  .venv/bin/python benchmarks/bench_split.py [--size-gib 64] [--cases tdp-1g,nested-1g,tdp-2m] [--no-tracemalloc]
+Run:  .venv/bin/python benchmarks/bench_split.py [--size-gib 64] [--cases tdp-1g,nested-1g,tdp-2m]
+      [--repeat N] [--no-tracemalloc]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -43,8 +43,8 @@ from _common import (
     fmt_s,
     format_table,
     run_best_of,
-    start_info,
     run_child,
+    start_info,
     time_int_lists,
 )
 

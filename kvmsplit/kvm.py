@@ -220,6 +220,8 @@ class Kvm:
     # dirty logging) before returning to userspace.
     tlb_flush_debt: list[str] = attrs.field(factory=list)
     tlb_flush_debt_deferred: list[str] = attrs.field(factory=list)
+    tlb_flush_debt_count: int = 0
+    tlb_flush_debt_deferred_count: int = 0
     model_unflushed_huge_drops: int = 0
     # Model: callbacks run at every point where KVM drops mmu_lock.
     unlock_hooks: list[Callable[[Kvm, str], None]] = attrs.field(factory=list)
@@ -315,6 +317,7 @@ class Kvm:
             v.tlb.flush_all()
         self.tlb_flush_debt.clear()
         self.tlb_flush_debt_deferred.clear()
+        self.tlb_flush_debt_count = self.tlb_flush_debt_deferred_count = 0
         for hook in self.flush_hooks:
             hook(self, reason)
 
@@ -327,8 +330,18 @@ class Kvm:
 
     def owe_flush(self, reason: str, deferred: bool = False) -> None:
         """Model: record that a TLB flush is required before mmu_lock is
-        dropped, or (@deferred, dirty logging) before returning to userspace."""
-        (self.tlb_flush_debt_deferred if deferred else self.tlb_flush_debt).append(reason)
+        dropped, or (@deferred, dirty logging) before returning to userspace.
+
+        Only the first few reasons are kept; the count is exact.  Callers pass
+        a short fixed string, so a pass over a gigabyte of SPTEs stays cheap.
+        """
+        debt = self.tlb_flush_debt_deferred if deferred else self.tlb_flush_debt
+        if len(debt) < 8:
+            debt.append(reason)
+        if deferred:
+            self.tlb_flush_debt_deferred_count += 1
+        else:
+            self.tlb_flush_debt_count += 1
 
     def mmu_unlock(self, where: str) -> None:
         """Model: KVM drops mmu_lock at @where; run the release-point checks."""

@@ -105,17 +105,19 @@ def kvm_mmu_page_set_translation(sp: KvmMmuPage, index: int, gfn: int, access: i
         assert sp.shadowed_translation is not None
         sp.shadowed_translation[index] = (gfn << PAGE_SHIFT) | access
         return
-    kvm_bug_on(
-        access != kvm_mmu_page_get_access(sp, index),
-        "kvm_mmu_page_set_translation",
-        f"access mismatch under {'direct' if sp.role.direct else 'passthrough'} page "
-        f"(sp gfn {sp.gfn:#x}, index {index}): cached {kvm_mmu_page_get_access(sp, index)}, computed {access}",
-    )
-    kvm_bug_on(
-        gfn != kvm_mmu_page_get_gfn(sp, index),
-        "kvm_mmu_page_set_translation",
-        f"gfn mismatch under direct page {sp.gfn:#x} (expected {kvm_mmu_page_get_gfn(sp, index):#x}, got {gfn:#x})",
-    )
+    if access != kvm_mmu_page_get_access(sp, index):
+        kvm_bug_on(
+            True,
+            "kvm_mmu_page_set_translation",
+            f"access mismatch under {'direct' if sp.role.direct else 'passthrough'} page "
+            f"(sp gfn {sp.gfn:#x}, index {index}): cached {kvm_mmu_page_get_access(sp, index)}, computed {access}",
+        )
+    if gfn != kvm_mmu_page_get_gfn(sp, index):
+        kvm_bug_on(
+            True,
+            "kvm_mmu_page_set_translation",
+            f"gfn mismatch under direct page {sp.gfn:#x} (expected {kvm_mmu_page_get_gfn(sp, index):#x}, got {gfn:#x})",
+        )
 
 
 def kvm_mmu_page_set_access(sp: KvmMmuPage, index: int, access: int) -> None:

@@ -74,11 +74,8 @@ InvalidList = list[KvmMmuPage]
 
 def mmu_spte_set(kvm: Kvm, sptep: Sptep, new_spte: int) -> None:
     """Install @new_spte over a non-present SPTE."""
-    kvm_bug_on(
-        bool(is_shadow_present_pte(sptep.spte)),
-        "mmu_spte_set",
-        f"{sptep!r} is already present ({sptep.spte:#x}), new {new_spte:#x}",
-    )
+    if is_shadow_present_pte(sptep.spte):
+        kvm_bug_on(True, "mmu_spte_set", f"{sptep!r} is already present ({sptep.spte:#x}), new {new_spte:#x}")
     sptep.sp.spt[sptep.index] = new_spte
 
 
@@ -90,11 +87,12 @@ def mmu_spte_update_no_track(kvm: Kvm, sptep: Sptep, new_spte: int) -> int:
         mmu_spte_set(kvm, sptep, new_spte)
         return old_spte
     sptep.sp.spt[sptep.index] = new_spte
-    kvm_bug_on(
-        spte_to_pfn(old_spte) != spte_to_pfn(new_spte),
-        "mmu_spte_update_no_track",
-        f"pfn of present {sptep!r} changed in place: {old_spte:#x} -> {new_spte:#x}",
-    )
+    if spte_to_pfn(old_spte) != spte_to_pfn(new_spte):
+        kvm_bug_on(
+            True,
+            "mmu_spte_update_no_track",
+            f"pfn of present {sptep!r} changed in place: {old_spte:#x} -> {new_spte:#x}",
+        )
     return old_spte
 
 
@@ -114,7 +112,7 @@ def mmu_spte_update(kvm: Kvm, sptep: Sptep, new_spte: int, deferred: bool = Fals
     if is_dirty_spte(m, old_spte) and not is_dirty_spte(m, new_spte):
         flush = True
     if flush:
-        kvm.owe_flush(f"mmu_spte_update {sptep!r}", deferred)
+        kvm.owe_flush("mmu_spte_update", deferred)
     return flush
 
 
@@ -125,7 +123,7 @@ def mmu_spte_clear_track_bits(kvm: Kvm, sptep: Sptep) -> int:
     if not is_shadow_present_pte(old_spte):
         return old_spte
     kvm.kvm_update_page_stats(sptep.sp.role.level, -1)
-    kvm.owe_flush(f"zap leaf {sptep!r}")
+    kvm.owe_flush("mmu_spte_clear_track_bits")
     return old_spte
 
 
@@ -259,7 +257,7 @@ def spte_wrprot_for_clear_dirty(kvm: Kvm, sptep: Sptep) -> bool:
     was_writable = bool(sptep.spte & PT_WRITABLE_MASK)
     sptep.sp.spt[sptep.index] = sptep.spte & ~PT_WRITABLE_MASK
     if was_writable:
-        kvm.owe_flush(f"dirty-log write-protect {sptep!r}", deferred=True)
+        kvm.owe_flush("spte_wrprot_for_clear_dirty", deferred=True)
     return was_writable
 
 
@@ -469,7 +467,7 @@ def mmu_page_add_parent_pte(sp: KvmMmuPage, parent_pte: Sptep, cache: KvmMmuMemo
 def drop_parent_pte(kvm: Kvm, sp: KvmMmuPage, parent_pte: Sptep) -> None:
     pte_list_remove(parent_pte, sp.parent_ptes)
     mmu_spte_clear_no_track(kvm, parent_pte)
-    kvm.owe_flush(f"unlink {sp!r} from {parent_pte!r}")
+    kvm.owe_flush("drop_parent_pte")
 
 
 def kvm_mmu_unlink_parents(kvm: Kvm, sp: KvmMmuPage) -> None:
@@ -543,7 +541,9 @@ def drop_large_spte(kvm: Kvm, sptep: Sptep, flush: bool) -> None:
     if not flush:
         # Model: the caller vouches that the translation is unchanged (eager
         # split); the TLB checks judge that claim, the debt does not.
-        kvm.tlb_flush_debt.pop()
+        if kvm.tlb_flush_debt_count <= len(kvm.tlb_flush_debt):
+            kvm.tlb_flush_debt.pop()
+        kvm.tlb_flush_debt_count -= 1
         kvm.model_unflushed_huge_drops += 1
     if flush:
         gfn = kvm_mmu_page_get_gfn(sp, sptep.index)

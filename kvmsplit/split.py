@@ -69,6 +69,8 @@ class SplitEnv:
     tdp_alloc_fails: list[bool] = attrs.field(factory=list)
     on_lock_dropped: Callable[[Kvm], None] | None = None
     events: Counter[str] = attrs.field(factory=Counter)
+    # Model: the fewest available shadow pages any split left behind.
+    min_available_after_split: int | None = None
 
     @staticmethod
     def _pop(q: list[bool]) -> bool:
@@ -248,6 +250,9 @@ class MergedSplit:
             sptep = Sptep(sp, index)
             shadow_mmu.mmu_spte_set(kvm, sptep, child_spte)
             shadow_mmu.rmap_add(kvm, slot, sptep, kvm_mmu_page_get_gfn(sp, index), sp.role.access, caches.desc)
+        avail = kvm.kvm_mmu_available_pages()
+        if env.min_available_after_split is None or avail < env.min_available_after_split:
+            env.min_available_after_split = avail
         if flush:
             env.events["reuse_nonleaf_flush"] += 1
         env.events[f"shadow_split_{'1g' if level == PG_LEVEL_1G else '2m'}"] += 1

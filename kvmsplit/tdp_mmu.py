@@ -370,7 +370,7 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: KvmMmuPage, start: int, end: int, flush: b
         # Zapping in an invalid root needs no flush: no vCPU uses it.
         if not root.role.invalid:
             flush = True
-            kvm.owe_flush(f"tdp zap leaf gfn {it.gfn:#x} level {it.level}")
+            kvm.owe_flush("tdp_mmu_zap_leafs")
     return flush
 
 
@@ -399,7 +399,7 @@ def wrprot_gfn_range(kvm: Kvm, root: KvmMmuPage, start: int, end: int, min_level
                 break
             if tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~PT_WRITABLE_MASK):
                 continue
-            kvm.owe_flush(f"tdp dirty-log write-protect gfn {it.gfn:#x}", deferred=True)
+            kvm.owe_flush("wrprot_gfn_range", deferred=True)
             spte_set = True
             break
     return spte_set
@@ -427,7 +427,7 @@ def clear_dirty_gfn_range(kvm: Kvm, root: KvmMmuPage, start: int, end: int) -> b
                 break
             if tdp_mmu_set_spte_atomic(kvm, it, it.old_spte & ~dbit):
                 continue
-            kvm.owe_flush(f"tdp clear dirty gfn {it.gfn:#x}", deferred=True)
+            kvm.owe_flush("clear_dirty_gfn_range", deferred=True)
             spte_set = True
             break
     return spte_set
@@ -456,7 +456,7 @@ def kvm_tdp_mmu_clear_dirty_pt_masked(kvm: Kvm, slot: KvmMemorySlot, gfn: int, m
                 continue
             # tdp_mmu_clear_spte_bits(): no handle_changed_spte() for a bit clear.
             it.sptep.sp.spt[it.sptep.index] = it.old_spte & ~dbit
-            kvm.owe_flush(f"tdp masked clear gfn {it.gfn:#x}", deferred=True)
+            kvm.owe_flush("clear_dirty_pt_masked", deferred=True)
 
 
 def write_protect_gfn(kvm: Kvm, root: KvmMmuPage, gfn: int, min_level: int, deferred: bool = False) -> bool:
@@ -469,7 +469,7 @@ def write_protect_gfn(kvm: Kvm, root: KvmMmuPage, gfn: int, min_level: int, defe
         if new_spte == it.old_spte:
             break
         tdp_mmu_iter_set_spte(kvm, it, new_spte)
-        kvm.owe_flush(f"tdp write-protect gfn {gfn:#x}", deferred)
+        kvm.owe_flush("write_protect_gfn", deferred)
         spte_set = True
     return spte_set
 

@@ -353,6 +353,21 @@ def shadowed_gfns_write_protected(kvm: Kvm) -> None:
 
 
 @invariant(
+    kernel="shadow_mmu_try_split_huge_page() (the KVM_MIN_FREE_MMU_PAGES guard)", mutant="mutants/split_guard_lt"
+)
+def split_keeps_min_free_pages(kvm: Kvm) -> None:
+    """No shadow-MMU split ever leaves fewer than KVM_MIN_FREE_MMU_PAGES pages available."""
+    from kvmsplit.kvm import KVM_MIN_FREE_MMU_PAGES
+
+    low = kvm.model_split_env.min_available_after_split
+    if low is not None and low < KVM_MIN_FREE_MMU_PAGES:
+        fail(
+            "split_keeps_min_free_pages",
+            f"a split left {low} pages available (KVM_MIN_FREE_MMU_PAGES={KVM_MIN_FREE_MMU_PAGES})",
+        )
+
+
+@invariant(
     kernel="kvm_account_mmu_page(), kvm_unaccount_mmu_page(), tdp_account_mmu_page()", mutant="mutants/split_no_account"
 )
 def mmu_pages_accounted(kvm: Kvm) -> None:
@@ -525,7 +540,7 @@ def flush_debt_paid_at_unlock(kvm: Kvm) -> None:
     """No zap, unlink or MMU-writable clear is left unflushed when mmu_lock is dropped."""
     if kvm.tlb_flush_debt:
         fail(
-            "flush_debt_paid_at_unlock", f"{len(kvm.tlb_flush_debt)} unflushed changes, first: {kvm.tlb_flush_debt[0]}"
+            "flush_debt_paid_at_unlock", f"{kvm.tlb_flush_debt_count} unflushed changes, first by {kvm.tlb_flush_debt[0]}()"
         )
 
 
@@ -538,4 +553,5 @@ def flush_debt_paid_at_return(kvm: Kvm) -> None:
     """No change that needs a TLB flush, dirty-logging ones included, is left unflushed when an ioctl returns."""
     debt = kvm.tlb_flush_debt + kvm.tlb_flush_debt_deferred
     if debt:
-        fail("flush_debt_paid_at_return", f"{len(debt)} unflushed changes, first: {debt[0]}")
+        n = kvm.tlb_flush_debt_count + kvm.tlb_flush_debt_deferred_count
+        fail("flush_debt_paid_at_return", f"{n} unflushed changes, first by {debt[0]}()")
