@@ -44,7 +44,6 @@ from kvmsplit.spte import (
     is_removed_spte,
     is_shadow_present_pte,
     kvm_mmu_page_ad_need_write_protect,
-    make_huge_page_split_spte,
     make_mmio_spte,
     make_nonleaf_spte,
     make_spte,
@@ -283,12 +282,15 @@ def tdp_mmu_link_sp(kvm: Kvm, it: TdpIter, sp: KvmMmuPage, shared: bool) -> int:
 
 def tdp_mmu_split_huge_page(kvm: Kvm, it: TdpIter, sp: KvmMmuPage, shared: bool) -> int:
     """Replace the huge leaf at @it with a brand-new table of 512 equal smaller pages."""
+    from kvmsplit.split import split_policy
+
     huge_spte = it.old_spte
     level = it.level
+    # The children come from the split policy's make_huge_page_split_spte(),
+    # so a model variant changes both MMUs alike.
+    build = split_policy(kvm).make_huge_page_split_spte
     for i in range(SPTE_ENT_PER_PAGE):
-        sp.spt[i] = make_huge_page_split_spte(
-            kvm.masks, huge_spte, sp.role.level, sp.role.access, i, kvm.is_nx_huge_page_enabled()
-        )
+        sp.spt[i] = build(kvm, huge_spte, sp, i)
     # The table is unreachable until linked, so plain stores were enough.
     ret = tdp_mmu_link_sp(kvm, it, sp, shared)
     if ret:

@@ -34,7 +34,8 @@ class Invariant:
     func: Callable[..., None]
     kind: str
     kernel: str
-    mutant: str
+    # The mutant in models/mutants/ that breaks it; None until one exists.
+    mutant: str | None
 
     @property
     def statement(self) -> str:
@@ -50,7 +51,9 @@ INVARIANTS: dict[str, Invariant] = {}
 KINDS = ("state", "unlock", "return")
 
 
-def invariant(*, kernel: str, mutant: str, kind: str = "state") -> Callable[[Callable[..., None]], Callable[..., None]]:
+def invariant(
+    *, kernel: str, mutant: str | None, kind: str = "state"
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     if kind not in KINDS:
         raise ValueError(f"invariant kind {kind!r} is not one of {KINDS}")
 

@@ -1,0 +1,26 @@
+"""Install a child SPTE without its rmap entry (and without counting it).
+
+Breaks rmap_holds_exactly_present_leaves.
+"""
+
+from kvmsplit import shadow_mmu
+from kvmsplit.split import MergedSplit
+
+SHORTEST_TRACE = 7
+
+
+class Mutant(MergedSplit):
+    name = "mutants/split_no_rmap"
+
+    def shadow_mmu_split_huge_page(self, kvm, slot, huge_sptep):  # type: ignore[no-untyped-def]
+        real = shadow_mmu.rmap_add
+        shadow_mmu.rmap_add = lambda kvm, slot, sptep, gfn, access, cache=None: kvm.kvm_update_page_stats(
+            sptep.sp.role.level, 1
+        )
+        try:
+            super().shadow_mmu_split_huge_page(kvm, slot, huge_sptep)
+        finally:
+            shadow_mmu.rmap_add = real
+
+
+MODEL = Mutant()
