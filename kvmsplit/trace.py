@@ -480,9 +480,12 @@ def load_trace(text: str, source: str = "<trace>") -> tuple[TraceConfig, list[di
     ops = doc.get("ops")
     if not isinstance(ops, list):
         raise HarnessError(f"{source}: field 'ops' must be a list")
-    cfg = parse_config(doc.get("config", {}))
-    for i, op in enumerate(ops):
-        validate_op(i, op)
+    try:
+        cfg = parse_config(doc.get("config", {}))
+        for i, op in enumerate(ops):
+            validate_op(i, op)
+    except HarnessError as e:
+        raise HarnessError(f"{source}: {e}") from None
     return cfg, ops
 
 

@@ -120,7 +120,7 @@ def test_load_trace_rejects_ops_that_are_not_a_list(ops: Any) -> None:
 )
 def test_load_trace_rejects_a_bad_config_naming_the_field(config: dict[str, Any], field: str) -> None:
     message = _load_error(_doc(config=config))
-    assert message.startswith("trace config:")
+    assert message.startswith("t.json: trace config:")
     assert repr(field) in message
 
 
@@ -209,7 +209,7 @@ OP_ERRORS = {
 def test_load_trace_rejects_a_bad_operation_naming_its_index_and_field(case: str) -> None:
     index, op, message = OP_ERRORS[case]
     got = _load_error(_with_op(index, op))
-    assert got.startswith(message), got
+    assert message in got and got.split(": ", 1)[1].startswith(message), got
 
 
 def test_an_unknown_operation_error_lists_the_known_ones() -> None:
