@@ -28,14 +28,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from kvmsplit.errors import HarnessError
 from kvmsplit.guest import EPT_GPT, X86_GPT
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from kvmsplit.scenarios import HVA_BASE as HVA
+from kvmsplit.scenarios import PT_GFN, PT_GPA, PT_SLOT, GiB, MiB, identity_map_op
 from kvmsplit.trace import TraceConfig, make_kvm, validate_op
 
-MiB = 1 << 20
-GiB = 1 << 30
-HVA = 0x7F00_0000_0000
-PT_SLOT = 9
-PT_GPA = 0x10_0000_0000
-PT_GFN = PT_GPA >> 12
 GUEST_SPAN = 24 * MiB  # what the guest's identity map covers below 4 GiB
 BIG_GPA = GiB
 
@@ -132,42 +128,12 @@ class KvmMachine(RuleBasedStateMachine):
         self.apply(self._slot_op(PT_SLOT, PT_GPA, 4 * MiB, 0, "4k"))
         fmt = self.guest_format
         tables = list(range(PT_GFN + 1, PT_GFN + 40))
-        self.apply(
-            {
-                "op": "guest_build_identity_map",
-                "format": fmt,
-                "root_gfn": PT_GFN,
-                "table_gfns": tables,
-                "gfn_start": 0,
-                "npages": GUEST_SPAN >> 12,
-                "page_level": 2,
-            }
-        )
+        self.apply(identity_map_op(fmt, PT_GFN, tables, 0, GUEST_SPAN >> 12, 2))
         if fmt == "x86":
             # The guest also maps its own tables, to be able to edit them.
-            self.apply(
-                {
-                    "op": "guest_build_identity_map",
-                    "format": fmt,
-                    "root_gfn": PT_GFN,
-                    "table_gfns": tables[3:],
-                    "gfn_start": PT_GFN,
-                    "npages": 1024,
-                    "page_level": 2,
-                }
-            )
+            self.apply(identity_map_op(fmt, PT_GFN, tables[3:], PT_GFN, 1024, 2))
         if initially_set:
-            self.apply(
-                {
-                    "op": "guest_build_identity_map",
-                    "format": fmt,
-                    "root_gfn": PT_GFN,
-                    "table_gfns": tables[6:],
-                    "gfn_start": BIG_GPA >> 12,
-                    "npages": GiB >> 12,
-                    "page_level": 3,
-                }
-            )
+            self.apply(identity_map_op(fmt, PT_GFN, tables[6:], BIG_GPA >> 12, GiB >> 12, 3))
         # Record which guest tables hold 2M entries (the ones worth editing).
         self.table_level = {}
         self._index_tables(PT_GFN, 4)

@@ -76,6 +76,21 @@ def access_ops(start: int, end: int, stride: int, access: str = "read", vcpu: in
     return [{"op": "kvm_vcpu_run", "vcpu": vcpu, "start": start, "end": end, "stride": stride, "access": access}]
 
 
+def identity_map_op(
+    fmt: str, root_gfn: int, table_gfns: list[int], gfn_start: int, npages: int, page_level: int
+) -> dict[str, Any]:
+    """The guest lays out page tables mapping [gfn_start, +npages) at addr == gpa."""
+    return {
+        "op": "guest_build_identity_map",
+        "format": fmt,
+        "root_gfn": root_gfn,
+        "table_gfns": table_gfns,
+        "gfn_start": gfn_start,
+        "npages": npages,
+        "page_level": page_level,
+    }
+
+
 def expect(**stats: int) -> dict[str, Any]:
     return {"op": "expect", **stats}
 
@@ -85,15 +100,7 @@ def ept_tables(npages_guest: int, page_level: int) -> Ops:
     n_tables = 3 + max(1, npages_guest // (512 * 512)) * (1 if page_level >= 2 else 512)
     return [
         slot_op(PT_SLOT, PT_GPA, 4 * MiB, backing="4k"),
-        {
-            "op": "guest_build_identity_map",
-            "format": "ept",
-            "root_gfn": PT_GFN,
-            "table_gfns": list(range(PT_GFN + 1, PT_GFN + 1 + n_tables)),
-            "gfn_start": 0,
-            "npages": npages_guest,
-            "page_level": page_level,
-        },
+        identity_map_op("ept", PT_GFN, list(range(PT_GFN + 1, PT_GFN + 1 + n_tables)), 0, npages_guest, page_level),
     ]
 
 
@@ -106,17 +113,7 @@ def shadow_paging_thp_2m_guest() -> Scenario:
     except the frame holding the guest's own page tables, which stays 4K."""
     size = 16 * MiB
     ops: Ops = [slot_op(0, 0, size, "thp")]
-    ops.append(
-        {
-            "op": "guest_build_identity_map",
-            "format": "x86",
-            "root_gfn": 0x10,
-            "table_gfns": [0x11, 0x12],
-            "gfn_start": 0,
-            "npages": size >> 12,
-            "page_level": 2,
-        }
-    )
+    ops.append(identity_map_op("x86", 0x10, [0x11, 0x12], 0, size >> 12, 2))
     ops.append({"op": "kvm_set_cr3", "vcpu": 0, "root_gfn": 0x10})
     ops += access_ops(0, size, 4096)
     # Frame 0 holds the tables: write-tracked and disallowed huge (account_shadowed()).
@@ -350,17 +347,7 @@ def eager_split_shadow_paging() -> Scenario:
     huge SPTEs that shadow the guest's 2M pages into direct pages."""
     size = 8 * MiB
     ops: Ops = [slot_op(0, 0, size, "thp"), slot_op(PT_SLOT, PT_GPA, 4 * MiB, "4k")]
-    ops.append(
-        {
-            "op": "guest_build_identity_map",
-            "format": "x86",
-            "root_gfn": PT_GFN,
-            "table_gfns": [PT_GFN + 1, PT_GFN + 2, PT_GFN + 3],
-            "gfn_start": 0,
-            "npages": size >> 12,
-            "page_level": 2,
-        }
-    )
+    ops.append(identity_map_op("x86", PT_GFN, [PT_GFN + 1, PT_GFN + 2, PT_GFN + 3], 0, size >> 12, 2))
     ops.append({"op": "kvm_set_cr3", "vcpu": 0, "root_gfn": PT_GFN})
     ops += access_ops(0, size, 2 * MiB)
     ops.append(slot_op(0, 0, size, None, KVM_MEM_LOG_DIRTY_PAGES))
@@ -386,28 +373,8 @@ def split_zaps_unsync_page_at_child_gfn() -> Scenario:
     ops.append(slot_op(0, big, big, "hugetlb-1g"))
     ops.append(slot_op(1, 0, 2 * MiB, "4k"))
     ops.append(slot_op(PT_SLOT, PT_GPA, 4 * MiB, "4k"))
-    ops.append(
-        {
-            "op": "guest_build_identity_map",
-            "format": "ept",
-            "root_gfn": PT_GFN,
-            "table_gfns": [PT_GFN + 1, PT_GFN + 2, table],
-            "gfn_start": 0,
-            "npages": 512,
-            "page_level": 1,
-        }
-    )
-    ops.append(
-        {
-            "op": "guest_build_identity_map",
-            "format": "ept",
-            "root_gfn": PT_GFN,
-            "table_gfns": [],
-            "gfn_start": table,
-            "npages": 512 * 512,
-            "page_level": 3,
-        }
-    )
+    ops.append(identity_map_op("ept", PT_GFN, [PT_GFN + 1, PT_GFN + 2, table], 0, 512, 1))
+    ops.append(identity_map_op("ept", PT_GFN, [], table, 512 * 512, 3))
     ops.append({"op": "nested_vmx_enter", "vcpu": 0, "eptp_gfn": PT_GFN})
     ops.append({"op": "kvm_vcpu_access", "vcpu": 0, "addr": big, "access": "read"})
     ops.append(expect(pages_1g=1))
