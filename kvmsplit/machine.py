@@ -363,11 +363,12 @@ class KvmMachine(RuleBasedStateMachine):
         s = self.kvm.memslots.get(slot)
         if s is None or s.dirty_bitmap is None or word * 64 >= s.npages:
             return
-        before = self.kvm.stat.pages_1g + self.kvm.stat.pages_2m
+        events = self.kvm.model_split_env.events
+        before = sum(v for k, v in events.items() if "split_" in k)
         gfns = sorted({s.base_gfn + word * 64 + b for b in bits})
         self.apply({"op": "kvm_clear_dirty_log", "slot": slot, "first_page": word * 64, "num_pages": 64, "gfns": gfns})
-        if self.kvm.stat.pages_1g + self.kvm.stat.pages_2m < before:
-            self.kvm.model_split_env.events["initially_set_clear_split"] += 1
+        if sum(v for k, v in events.items() if "split_" in k) > before:
+            events["initially_set_clear_split"] += 1
 
     # --- host and parameters --------------------------------------------------------------
 
