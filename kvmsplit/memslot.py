@@ -21,7 +21,6 @@ from kvmsplit.spte import (
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
     PG_LEVEL_2M,
-    PG_LEVEL_4K,
 )
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -174,8 +173,3 @@ def dirty_bitmap_gfns(slot: KvmMemorySlot, bitmap: bytes | bytearray | None = No
                 if byte & (1 << bit):
                     out.append(slot.base_gfn + byte_index * 8 + bit)
     return out
-
-
-def check_level(level: int, where: str, lo: int = PG_LEVEL_4K, hi: int = KVM_MAX_HUGEPAGE_LEVEL) -> None:
-    if not isinstance(level, int) or not lo <= level <= hi:
-        raise HarnessError(f"{where}: level {level!r} is not between {lo} and {hi}")

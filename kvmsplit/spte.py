@@ -171,12 +171,6 @@ def _if(cond: Any, then: Any, other: Any) -> Any:
     return z3.If(cond, then, other)
 
 
-def _nonzero(x: Spte) -> Any:
-    if _is_int(x):
-        return x != 0
-    return x != 0
-
-
 # --- Mask sets. -------------------------------------------------------------
 
 

@@ -37,7 +37,6 @@ from kvmsplit.spte import (
     PT_WRITABLE_MASK,
     REMOVED_SPTE,
     SPTE_ENT_PER_PAGE,
-    is_dirty_spte,
     is_large_pte,
     is_last_spte,
     is_mmio_spte,
@@ -504,10 +503,6 @@ def kvm_tdp_mmu_zap_collapsible_sptes(kvm: Kvm, slot: KvmMemorySlot) -> None:
                 if tdp_mmu_zap_spte_atomic(kvm, it):
                     continue
                 break
-
-
-def leaf_dirty(kvm: Kvm, spte: int) -> bool:
-    return bool(is_dirty_spte(kvm.masks, spte))
 
 
 def kvm_tdp_mmu_age_gfn_range(kvm: Kvm, start: int, end: int) -> bool:

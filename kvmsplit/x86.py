@@ -365,18 +365,3 @@ def host_madv_dontneed(kvm: Kvm, hva: int, size: int) -> None:
         raise HarnessError(f"host_madv_dontneed: hva {hva:#x} size {size:#x} is not page aligned")
     mmu.kvm_mmu_notifier_invalidate_range(kvm, hva, hva + size)
     kvm.host.free(hva, hva + size)
-
-
-def gpa_to_slot(kvm: Kvm, gfn: int, where: str) -> KvmMemorySlot:
-    slot = kvm.gfn_to_memslot(gfn)
-    if slot is None:
-        raise HarnessError(f"{where}: gfn {gfn:#x} is in no memslot")
-    return slot
-
-
-__all__ = [
-    "PG_LEVEL_4K",
-    "kvm_clear_dirty_log",
-    "kvm_get_dirty_log",
-    "kvm_set_user_memory_region",
-]
