@@ -8,6 +8,8 @@ never reported as a finding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class HarnessError(Exception):
     """Bad input to the model's API, or a bug in the harness itself."""
@@ -35,7 +37,11 @@ class InvariantViolation(Exception):
         self.message = message
 
 
-def kvm_bug_on(cond: bool, site: str, message: str) -> None:
-    """Raise `KvmBugOn` when @cond holds, like WARN_ON_ONCE() at @site."""
+def kvm_bug_on(cond: bool, site: str, message: str | Callable[[], str]) -> None:
+    """Raise `KvmBugOn` when @cond holds, like WARN_ON_ONCE() at @site.
+
+    A message that needs formatting is passed as a lambda, so the checks on
+    per-SPTE paths cost nothing when they pass.
+    """
     if cond:
-        raise KvmBugOn(site, message)
+        raise KvmBugOn(site, message() if callable(message) else message)

@@ -292,7 +292,7 @@ class Kvm:
         from kvmsplit.spte import spte_to_pfn
 
         sp = self.sp_by_pfn.get(spte_to_pfn(spte))
-        kvm_bug_on(sp is None, "spte_to_child_sp", f"non-leaf SPTE {spte:#x} points at no page table")
+        kvm_bug_on(sp is None, "spte_to_child_sp", lambda: f"non-leaf SPTE {spte:#x} points at no page table")
         assert sp is not None
         return sp
 

@@ -115,7 +115,7 @@ def update_gfn_disallow_lpage_count(slot: KvmMemorySlot, gfn: int, count: int) -
         d = slot.lpage_info[level - 2]
         index = gfn_to_index(gfn, slot.base_gfn, level)
         new = d.get(index, 0) + count
-        kvm_bug_on(new < 0, "update_gfn_disallow_lpage_count", f"gfn {gfn:#x} count underflow")
+        kvm_bug_on(new < 0, "update_gfn_disallow_lpage_count", lambda: f"gfn {gfn:#x} count underflow")
         if new:
             d[index] = new
         else:

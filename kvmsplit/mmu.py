@@ -146,7 +146,7 @@ def kvm_mmu_hugepage_adjust(kvm: Kvm, fault: KvmPageFault) -> None:
     kvm_bug_on(
         (fault.gfn & mask) != (fault.pfn & mask),
         "kvm_mmu_hugepage_adjust",
-        f"gfn {fault.gfn:#x} and pfn {fault.pfn:#x} are not congruent at level {fault.goal_level}",
+        lambda: f"gfn {fault.gfn:#x} and pfn {fault.pfn:#x} are not congruent at level {fault.goal_level}",
     )
     fault.pfn &= ~mask
 
@@ -284,7 +284,7 @@ def direct_pte_prefetch_many(kvm: Kvm, sp: KvmMmuPage, start: int, end: int) -> 
 
 
 def _direct_pte_prefetch(kvm: Kvm, sp: KvmMmuPage, sptep: Sptep) -> None:
-    kvm_bug_on(not sp.role.direct, "_direct_pte_prefetch", f"{sp!r} is not direct")
+    kvm_bug_on(not sp.role.direct, "_direct_pte_prefetch", lambda: f"{sp!r} is not direct")
     first = sptep.index & ~7
     start: int | None = None
     for i in range(first, first + 8):

@@ -206,7 +206,7 @@ def fname_sync_spte(kvm: Kvm, vcpu: KvmVcpu, sp: KvmMmuPage, i: int) -> int:
     """Refresh entry @i of unsync @sp from the guest PTE; >0 asks for a flush, <0 fails."""
     fmt = fmt_for_role_guest_mode(sp.role.guest_mode)
     sptep = Sptep(sp, i)
-    kvm_bug_on(not sp.spt[i], "FNAME(sync_spte)", f"entry {i} of {sp!r} is empty")
+    kvm_bug_on(not sp.spt[i], "FNAME(sync_spte)", lambda: f"entry {i} of {sp!r} is empty")
     gptes = kvm.guest_tables.get(sp.gfn)
     if gptes is None or kvm.gfn_to_memslot(sp.gfn) is None:
         return -1

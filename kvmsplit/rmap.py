@@ -65,7 +65,7 @@ class KvmMmuMemoryCache:
 
     def alloc(self, site: str) -> None:
         # An empty cache means a missing top-up (kvm_mmu_memory_cache_alloc() WARNs).
-        kvm_bug_on(self.nobjs <= 0, site, f"{self.name} is empty")
+        kvm_bug_on(self.nobjs <= 0, site, lambda: f"{self.name} is empty")
         self.nobjs -= 1
 
 
@@ -127,9 +127,9 @@ def _pte_list_desc_remove_entry(rmap_head: KvmRmapHead, desc: PteListDesc, i: in
 def pte_list_remove(sptep: Sptep, rmap_head: KvmRmapHead) -> None:
     """Remove @sptep; KVM_BUG_ON_DATA_CORRUPTION if it is not there."""
     val = rmap_head.val
-    kvm_bug_on(val is None, "pte_list_remove", f"{sptep!r} removed from an empty rmap")
+    kvm_bug_on(val is None, "pte_list_remove", lambda: f"{sptep!r} removed from an empty rmap")
     if isinstance(val, Sptep):
-        kvm_bug_on(val != sptep, "pte_list_remove", f"{sptep!r} is not in the rmap (holds {val!r})")
+        kvm_bug_on(val != sptep, "pte_list_remove", lambda: f"{sptep!r} is not in the rmap (holds {val!r})")
         rmap_head.val = None
         return
     desc = val

@@ -81,7 +81,9 @@ def mmu_spte_set(kvm: Kvm, sptep: Sptep, new_spte: int) -> None:
 
 def mmu_spte_update_no_track(kvm: Kvm, sptep: Sptep, new_spte: int) -> int:
     old_spte = sptep.spte
-    kvm_bug_on(not is_shadow_present_pte(new_spte), "mmu_spte_update_no_track", f"new {new_spte:#x} not present")
+    kvm_bug_on(
+        not is_shadow_present_pte(new_spte), "mmu_spte_update_no_track", lambda: f"new {new_spte:#x} not present"
+    )
     check_spte_writable_invariants(kvm.masks, new_spte)
     if not is_shadow_present_pte(old_spte):
         mmu_spte_set(kvm, sptep, new_spte)
@@ -143,7 +145,7 @@ def drop_spte(kvm: Kvm, sptep: Sptep) -> None:
 def kvm_memslot_for_sp_gfn(kvm: Kvm, sp: KvmMmuPage, gfn: int) -> KvmMemorySlot:
     """__gfn_to_memslot(kvm_memslots_for_spte_role(kvm, sp->role), gfn)."""
     slot = kvm.gfn_to_memslot(gfn)
-    kvm_bug_on(slot is None, "rmap_remove", f"gfn {gfn:#x} of {sp!r} is in no memslot")
+    kvm_bug_on(slot is None, "rmap_remove", lambda: f"gfn {gfn:#x} of {sp!r} is in no memslot")
     assert slot is not None
     return slot
 
@@ -171,7 +173,7 @@ def rmap_remove(kvm: Kvm, sptep: Sptep) -> None:
     gfn = kvm_mmu_page_get_gfn(sp, sptep.index)
     slot = kvm_memslot_for_sp_gfn(kvm, sp, gfn)
     rmap_head = gfn_to_rmap(gfn, sp.role.level, slot)
-    kvm_bug_on(rmap_head is None, "pte_list_remove", f"{sptep!r} (gfn {gfn:#x}) has no rmap head")
+    kvm_bug_on(rmap_head is None, "pte_list_remove", lambda: f"{sptep!r} (gfn {gfn:#x}) has no rmap head")
     assert rmap_head is not None
     pte_list_remove(sptep, rmap_head)
     rmap_head_release(gfn, sp.role.level, slot)
@@ -309,7 +311,7 @@ def _kvm_write_track_add_gfn(kvm: Kvm, slot: KvmMemorySlot, gfn: int) -> None:
 
     index = gfn_to_index(gfn, slot.base_gfn, PG_LEVEL_4K)
     count = slot.gfn_write_track.get(index, 0) + 1
-    kvm_bug_on(count > 0xFFFF, "update_gfn_write_track", f"gfn {gfn:#x} write-track count overflow")
+    kvm_bug_on(count > 0xFFFF, "update_gfn_write_track", lambda: f"gfn {gfn:#x} write-track count overflow")
     slot.gfn_write_track[index] = count
     # A tracked gfn must not be mapped by a huge page.
     kvm_mmu_gfn_disallow_lpage(slot, gfn)
@@ -322,7 +324,7 @@ def _kvm_write_track_remove_gfn(kvm: Kvm, slot: KvmMemorySlot, gfn: int) -> None
 
     index = gfn_to_index(gfn, slot.base_gfn, PG_LEVEL_4K)
     count = slot.gfn_write_track.get(index, 0) - 1
-    kvm_bug_on(count < 0, "update_gfn_write_track", f"gfn {gfn:#x} write-track count underflow")
+    kvm_bug_on(count < 0, "update_gfn_write_track", lambda: f"gfn {gfn:#x} write-track count underflow")
     if count:
         slot.gfn_write_track[index] = count
     else:
@@ -497,7 +499,7 @@ def kvm_mmu_mark_parents_unsync(sp: KvmMmuPage) -> None:
 
 def clear_unsync_child_bit(sp: KvmMmuPage, index: int) -> None:
     sp.unsync_children -= 1
-    kvm_bug_on(sp.unsync_children < 0, "clear_unsync_child_bit", f"{sp!r} unsync_children < 0")
+    kvm_bug_on(sp.unsync_children < 0, "clear_unsync_child_bit", lambda: f"{sp!r} unsync_children < 0")
     sp.unsync_child_bitmap &= ~(1 << index)
 
 
@@ -508,7 +510,7 @@ def kvm_unsync_page(kvm: Kvm, sp: KvmMmuPage) -> None:
 
 
 def kvm_unlink_unsync_page(kvm: Kvm, sp: KvmMmuPage) -> None:
-    kvm_bug_on(not sp.unsync, "kvm_unlink_unsync_page", f"{sp!r} is not unsync")
+    kvm_bug_on(not sp.unsync, "kvm_unlink_unsync_page", lambda: f"{sp!r} is not unsync")
     sp.unsync = False
     kvm.stat.mmu_unsync -= 1
 
@@ -525,7 +527,7 @@ def mmu_try_to_unsync_pages(kvm: Kvm, slot: KvmMemorySlot | None, gfn: int, sync
         if prefetch:
             return -17  # -EEXIST
         # Upper-level pages are write-tracked, so only 4K pages get here.
-        kvm_bug_on(sp.role.level != PG_LEVEL_4K, "mmu_try_to_unsync_pages", f"unsync of {sp!r} above 4K")
+        kvm_bug_on(sp.role.level != PG_LEVEL_4K, "mmu_try_to_unsync_pages", lambda: f"unsync of {sp!r} above 4K")
         kvm_unsync_page(kvm, sp)
     return 0
 
@@ -535,8 +537,8 @@ def mmu_try_to_unsync_pages(kvm: Kvm, slot: KvmMemorySlot | None, gfn: int, sync
 
 def drop_large_spte(kvm: Kvm, sptep: Sptep, flush: bool) -> None:
     sp = sptep.sp
-    kvm_bug_on(sp.role.level == PG_LEVEL_4K, "drop_large_spte", f"{sptep!r} is in a 4K page")
-    kvm_bug_on(not is_large_pte(sptep.spte), "drop_large_spte", f"{sptep!r} is not large: {sptep.spte:#x}")
+    kvm_bug_on(sp.role.level == PG_LEVEL_4K, "drop_large_spte", lambda: f"{sptep!r} is in a 4K page")
+    kvm_bug_on(not is_large_pte(sptep.spte), "drop_large_spte", lambda: f"{sptep!r} is not large: {sptep.spte:#x}")
     drop_spte(kvm, sptep)
     if not flush:
         # Model: the caller vouches that the translation is unchanged (eager
@@ -559,7 +561,7 @@ def _link_shadow_page(
     spte = make_nonleaf_spte(kvm.masks, sp.pfn, sp.role.ad_disabled)
     mmu_spte_set(kvm, sptep, spte)
     mmu_page_add_parent_pte(sp, sptep, cache)
-    kvm_bug_on(sp.unsync_children != 0, "_link_shadow_page", f"linking {sp!r} with unsync children")
+    kvm_bug_on(sp.unsync_children != 0, "_link_shadow_page", lambda: f"linking {sp!r} with unsync children")
     if sp.unsync_children or sp.unsync:
         mark_unsync(sptep)
 
@@ -756,7 +758,7 @@ def kvm_mmu_commit_zap_page(kvm: Kvm, invalid_list: InvalidList) -> None:
     # Flush before freeing: lockless walkers and vCPUs may still use the tables.
     kvm.kvm_flush_remote_tlbs("kvm_mmu_commit_zap_page")
     for sp in invalid_list:
-        kvm_bug_on(not sp.role.invalid or sp.root_count != 0, "kvm_mmu_commit_zap_page", f"freeing {sp!r}")
+        kvm_bug_on(not sp.role.invalid or sp.root_count != 0, "kvm_mmu_commit_zap_page", lambda: f"freeing {sp!r}")
         kvm_mmu_free_shadow_page(kvm, sp)
     invalid_list.clear()
 
@@ -866,7 +868,7 @@ def mmu_free_root_page(kvm: Kvm, sp: KvmMmuPage, invalid_list: InvalidList) -> N
         tdp_mmu.kvm_tdp_mmu_put_root(kvm, sp)
         return
     sp.root_count -= 1
-    kvm_bug_on(sp.root_count < 0, "mmu_free_root_page", f"{sp!r} root_count < 0")
+    kvm_bug_on(sp.root_count < 0, "mmu_free_root_page", lambda: f"{sp!r} root_count < 0")
     if not sp.root_count and sp.role.invalid:
         kvm_mmu_prepare_zap_page(kvm, sp, invalid_list)
 

@@ -152,11 +152,13 @@ class MergedSplit:
         """The skip rules at the top of the rmap loop; True to skip this SPTE."""
         sp = huge_sptep.sp
         # The TDP MMU is enabled, so the rmaps hold only nested (L2) pages.
-        kvm_bug_on(not sp.role.guest_mode, "shadow_mmu_try_split_huge_pages", f"{sp!r} is not guest_mode")
+        kvm_bug_on(not sp.role.guest_mode, "shadow_mmu_try_split_huge_pages", lambda: f"{sp!r} is not guest_mode")
         # rmaps hold only leaves, and leaves above 4K are large.
-        kvm_bug_on(not is_large_pte(huge_sptep.spte), "shadow_mmu_try_split_huge_pages", f"{huge_sptep!r} not large")
+        kvm_bug_on(
+            not is_large_pte(huge_sptep.spte), "shadow_mmu_try_split_huge_pages", lambda: f"{huge_sptep!r} not large"
+        )
         # Pages above 4K are write-tracked and can never be unsync.
-        kvm_bug_on(sp.unsync, "shadow_mmu_try_split_huge_pages", f"{sp!r} holding a huge SPTE is unsync")
+        kvm_bug_on(sp.unsync, "shadow_mmu_try_split_huge_pages", lambda: f"{sp!r} holding a huge SPTE is unsync")
         return bool(sp.role.invalid)
 
     def shadow_mmu_try_split_huge_pages(self, kvm: Kvm, rmap_head: KvmRmapHead, slot: KvmMemorySlot) -> bool:

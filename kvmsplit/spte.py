@@ -355,13 +355,13 @@ def check_spte_writable_invariants(m: SpteMasks, spte: Spte) -> None:
         kvm_bug_on(
             not (spte & m.shadow_host_writable_mask),
             "check_spte_writable_invariants",
-            f"MMU-writable SPTE is not Host-writable: {spte:#x}",
+            lambda: f"MMU-writable SPTE is not Host-writable: {spte:#x}",
         )
     else:
         kvm_bug_on(
             bool(spte & PT_WRITABLE_MASK),
             "check_spte_writable_invariants",
-            f"Writable SPTE is not MMU-writable: {spte:#x}",
+            lambda: f"Writable SPTE is not MMU-writable: {spte:#x}",
         )
 
 
@@ -400,7 +400,7 @@ def mark_spte_for_access_track(m: SpteMasks, spte: Spte) -> Spte:
         kvm_bug_on(
             bool(spte & saved),
             "mark_spte_for_access_track",
-            f"Access Tracking saved bit locations are not zero: {spte:#x}",
+            lambda: f"Access Tracking saved bit locations are not zero: {spte:#x}",
         )
         spte |= (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
         return spte & ~m.shadow_acc_track_mask
@@ -453,7 +453,7 @@ def make_nonleaf_spte(m: SpteMasks, child_pfn: Spte, ad_disabled: bool) -> Spte:
 
 
 def generation_mmio_spte_mask(gen: int) -> int:
-    kvm_bug_on(gen & ~MMIO_SPTE_GEN_MASK != 0, "generation_mmio_spte_mask", f"gen {gen:#x}")
+    kvm_bug_on(gen & ~MMIO_SPTE_GEN_MASK != 0, "generation_mmio_spte_mask", lambda: f"gen {gen:#x}")
     mask = (gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK
     mask |= (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK
     return mask
@@ -585,7 +585,9 @@ def make_spte(
         spte |= m.shadow_host_writable_mask
     else:
         pte_access &= ~ACC_WRITE_MASK
-    kvm_bug_on(not 0 <= pfn < MODEL_MAX_PFN, "make_spte", f"pfn {pfn:#x} is outside the host's physical address space")
+    kvm_bug_on(
+        not 0 <= pfn < MODEL_MAX_PFN, "make_spte", lambda: f"pfn {pfn:#x} is outside the host's physical address space"
+    )
     spte |= pfn << PAGE_SHIFT
     skip_dirty = False
     if pte_access & ACC_WRITE_MASK:
@@ -603,6 +605,6 @@ def make_spte(
         spte = mark_spte_for_access_track(m, spte)
     if (spte & PT_WRITABLE_MASK) and kvm_slot_dirty_track_enabled(slot):
         # kvm_mmu_hugepage_adjust() keeps dirty-logged slots at 4K.
-        kvm_bug_on(level > PG_LEVEL_4K, "make_spte", f"writable level-{level} SPTE in dirty-logged {slot!r}")
+        kvm_bug_on(level > PG_LEVEL_4K, "make_spte", lambda: f"writable level-{level} SPTE in dirty-logged {slot!r}")
         mark_page_dirty_in_slot(slot, gfn)
     return wrprot, spte

@@ -112,10 +112,10 @@ def kvm_tdp_mmu_get_vcpu_root(kvm: Kvm, role: KvmMmuPageRole) -> KvmMmuPage:
 
 def kvm_tdp_mmu_put_root(kvm: Kvm, root: KvmMmuPage) -> None:
     root.root_count -= 1
-    kvm_bug_on(root.root_count < 0, "kvm_tdp_mmu_put_root", f"{root!r} refcount < 0")
+    kvm_bug_on(root.root_count < 0, "kvm_tdp_mmu_put_root", lambda: f"{root!r} refcount < 0")
     if root.root_count:
         return
-    kvm_bug_on(not root.role.invalid, "kvm_tdp_mmu_put_root", f"freeing valid {root!r}")
+    kvm_bug_on(not root.role.invalid, "kvm_tdp_mmu_put_root", lambda: f"freeing valid {root!r}")
     tdp_mmu_zap_root(kvm, root)
     kvm.tdp_mmu_roots.remove(root)
     kvm.sp_by_pfn.pop(root.pfn, None)
@@ -198,7 +198,7 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
     kvm_bug_on(
         was_leaf and is_leaf and pfn_changed,
         "handle_changed_spte",
-        f"leaf pfn changed in place at gfn {gfn:#x} level {level}: {old_spte:#x} -> {new_spte:#x}",
+        lambda: f"leaf pfn changed in place at gfn {gfn:#x} level {level}: {old_spte:#x} -> {new_spte:#x}",
     )
     if old_spte == new_spte:
         return
@@ -212,7 +212,9 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
 
 def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
     """try_cmpxchg64() against it.old_spte; -EBUSY with old_spte refreshed on a lost race."""
-    kvm_bug_on(it.yielded or is_removed_spte(it.old_spte), "tdp_mmu_set_spte_atomic", f"bad iter at gfn {it.gfn:#x}")
+    kvm_bug_on(
+        it.yielded or is_removed_spte(it.old_spte), "tdp_mmu_set_spte_atomic", lambda: f"bad iter at gfn {it.gfn:#x}"
+    )
     if kvm.model_tdp_race is not None:
         kvm.model_tdp_race(kvm, it)
     current = it.sptep.spte
