@@ -47,15 +47,21 @@ class Checker:
                 yield inv
 
     def _at_unlock(self, kvm: Kvm, where: str) -> None:
+        from kvmsplit.properties.invariants import check_round
+
         self.unlock_checks += 1
-        for inv in self.selected("unlock"):
-            inv(kvm)
+        with check_round():
+            for inv in self.selected("unlock"):
+                inv(kvm)
 
     def after_operation(self) -> None:
+        from kvmsplit.properties.invariants import check_round
+
         self.step_checks += 1
-        for kind in ("state", "return"):
-            for inv in self.selected(kind):
-                inv(self.kvm)
+        with check_round():
+            for kind in ("state", "return"):
+                for inv in self.selected(kind):
+                    inv(self.kvm)
 
     def detach(self) -> None:
         if self._at_unlock in self.kvm.unlock_hooks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from kvmsplit.kvm import Kvm
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, gfn_to_index
@@ -31,7 +32,6 @@ from kvmsplit.spte import (
     PG_LEVEL_4K,
     PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
-    SPTE_ENT_PER_PAGE,
     is_executable_pte,
     is_last_spte,
     is_mmio_spte,
@@ -49,26 +49,53 @@ from .registry import fail, invariant
 
 # --- helpers ---------------------------------------------------------------------
 
+SPTE_MMU_PRESENT = 1 << 11
+
 
 def live_pages(kvm: Kvm) -> list[KvmMmuPage]:
     """Every page table that exists: shadow pages not yet freed and linked TDP tables."""
     return list(kvm.sp_by_pfn.values())
 
 
-def sptes(sp: KvmMmuPage) -> Iterator[tuple[int, int]]:
-    spt = sp.spt
-    for i in range(SPTE_ENT_PER_PAGE):
-        spte = spt[i]
-        if spte:
-            yield i, spte
+# Model: within one check round the MMU cannot change, so the non-zero
+# entries of each table are read once and shared by every invariant.
+_round_cache: dict[int, list[tuple[int, int]]] | None = None
 
 
-def present_leaves(kvm: Kvm) -> Iterator[tuple[KvmMmuPage, int, int]]:
+@contextmanager
+def check_round() -> Iterator[None]:
+    """Share table reads among the invariants of one round (the checker's)."""
+    global _round_cache
+    _round_cache = {}
+    try:
+        yield
+    finally:
+        _round_cache = None
+
+
+def sptes(sp: KvmMmuPage) -> list[tuple[int, int]]:
+    """The (index, spte) pairs of @sp's non-zero entries."""
+    if _round_cache is not None:
+        cached = _round_cache.get(id(sp))
+        if cached is None:
+            cached = _round_cache[id(sp)] = [(i, v) for i, v in enumerate(sp.spt) if v]
+        return cached
+    return [(i, v) for i, v in enumerate(sp.spt) if v]
+
+
+def present_leaves(kvm: Kvm) -> list[tuple[KvmMmuPage, int, int]]:
+    """(sp, index, spte) for every present leaf SPTE in every live table."""
+    if _round_cache is not None and -1 in _round_cache:
+        return _round_cache[-1]  # type: ignore[return-value]
+    out = []
     for sp in live_pages(kvm):
         level = sp.role.level
         for i, spte in sptes(sp):
-            if is_shadow_present_pte(spte) and is_last_spte(spte, level):
-                yield sp, i, spte
+            if spte & SPTE_MMU_PRESENT and (level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK):
+                out.append((sp, i, spte))
+    if _round_cache is not None:
+        _round_cache[-1] = out  # type: ignore[assignment]
+    return out
 
 
 def leaf_gfn_range(sp: KvmMmuPage, index: int) -> tuple[int, int]:
@@ -406,7 +433,6 @@ def live_pages_are_reachable(kvm: Kvm) -> None:
 # --- TLBs ------------------------------------------------------------------------------------
 
 
-SPTE_MMU_PRESENT = 1 << 11
 _SPAN = (0, 1, 512, 512 * 512, 512 * 512 * 512, 512**4)
 _BASE_MASK = 0x000F_FFFF_FFFF_F000
 
