@@ -105,8 +105,19 @@ class KvmMachine(RuleBasedStateMachine):
 
     # --- setup ----------------------------------------------------------------------
 
-    @initialize(initially_set=st.booleans(), no_eager=st.booleans(), nx=st.booleans())
-    def setup(self, initially_set: bool, no_eager: bool, nx: bool) -> None:
+    @initialize(
+        initially_set=st.booleans(),
+        no_eager=st.booleans(),
+        nx=st.booleans(),
+        plan=st.tuples(
+            st.integers(0, 2),
+            st.integers(0, 1),
+            st.integers(0, 1),
+            st.sampled_from(["none", "accessed", "zap"]),
+            st.sampled_from([0, 4, 5, 6, 7]),
+        ),
+    )
+    def setup(self, initially_set: bool, no_eager: bool, nx: bool, plan: tuple[int, int, int, str, int]) -> None:
         # Hypothesis already runs a random subset of rules per test case
         # (swarm testing through its feature flags).  Drawing "eager off"
         # keeps the simplest draw, which it favours, the richest run.
@@ -158,6 +169,22 @@ class KvmMachine(RuleBasedStateMachine):
                     "access": "read",
                 }
             )
+        # The split paths' nondeterminism for the first splits of the run;
+        # rules queue more later.  All of it shrinks away to "none".
+        need_resched, topup_fails, tdp_alloc_fails, race, headroom = plan
+        if need_resched or topup_fails or tdp_alloc_fails:
+            self.apply(
+                {
+                    "op": "model_split_env",
+                    "need_resched": need_resched,
+                    "topup_fails": topup_fails,
+                    "tdp_alloc_fails": tdp_alloc_fails,
+                }
+            )
+        if race != "none" and self.mmu_kind == "tdp":
+            self.apply({"op": "model_tdp_race", "kind": race})
+        if headroom:
+            self.apply({"op": "kvm_mmu_change_mmu_pages", "headroom": headroom})
 
     def _index_tables(self, gfn: int, level: int) -> None:
         fmt = EPT_GPT if self.guest_format == "ept" else X86_GPT
@@ -188,18 +215,25 @@ class KvmMachine(RuleBasedStateMachine):
 
     @rule()
     def kvm_mmu_slot_apply_flags(self) -> None:
-        """Toggle KVM_MEM_LOG_DIRTY_PAGES on slot 0 (and on the 1G slot in initially-set runs)."""
-        self._toggle_logging(0)
+        """Start dirty logging on slot 0 (and on the 1G slot in initially-set runs)."""
+        self._set_logging(0, True)
         if self.initially_set:
-            self._toggle_logging(2)
+            self._set_logging(2, True)
+
+    @rule(slot=st.sampled_from([0, 1, 2]))
+    def kvm_mmu_slot_apply_flags_stop(self, slot: int) -> None:
+        """Stop dirty logging on a slot (zap collapsible SPTEs)."""
+        self._set_logging(slot, False)
 
     @rule(slot=st.sampled_from([1, 2]))
-    def kvm_mmu_slot_apply_flags_other(self, slot: int) -> None:
-        self._toggle_logging(slot)
+    def kvm_mmu_slot_apply_flags_start(self, slot: int) -> None:
+        self._set_logging(slot, True)
 
-    def _toggle_logging(self, slot: int) -> None:
+    def _set_logging(self, slot: int, on: bool) -> None:
+        # Separate start and stop rules, not a toggle, so the shrinker can drop
+        # any one of them without flipping the meaning of the rest.
         s = self.kvm.memslots.get(slot)
-        if s is None:
+        if s is None or bool(s.flags & KVM_MEM_LOG_DIRTY_PAGES) == on:
             return
         flags = s.flags ^ KVM_MEM_LOG_DIRTY_PAGES
         self.apply(self._slot_op(slot, s.base_gfn << 12, s.npages << 12, flags, None) | {"hva": s.userspace_addr})

@@ -445,8 +445,8 @@ def _leaf_allowed(
     if base != want_pfn:
         return f"{sp!r}[{i}] maps pfn {base:#x}, the TLB caches {want_pfn:#x}"
     missing = access & ~spte_access(m, spte)
-    if missing == ACC_WRITE_MASK and not strict and is_mmu_writable_spte(m, spte):
-        missing = 0  # dirty-logging W clear, flushed before returning to userspace
+    if missing == ACC_WRITE_MASK and not strict and _dirty_log_write_protect(kvm, sp, i, spte):
+        missing = 0  # flushed before returning to userspace
     if missing:
         return f"{sp!r}[{i}] = {spte:#x} no longer grants {missing:#x} that the TLB caches"
     if strict and dirty and m.shadow_dirty_mask and spte_ad_enabled(spte) and not spte & m.shadow_dirty_mask:
@@ -457,6 +457,20 @@ def _leaf_allowed(
             if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
                 return f"{sp!r}[{i}] = {spte:#x} is clean in a PML-logged slot but the TLB caches it dirty"
     return None
+
+
+def _dirty_log_write_protect(kvm: Kvm, sp: KvmMmuPage, i: int, spte: int) -> bool:
+    """May this W clear wait for the flush before the ioctl returns?
+
+    Dirty logging clears W (keeping MMU-writable) and, for huge pages in an
+    initially-set KVM_CLEAR_DIRTY_LOG, write-protects them outright; both
+    flush after dropping mmu_lock.  Any other write-protect must flush first,
+    which flush_debt_paid_at_unlock checks.
+    """
+    if is_mmu_writable_spte(kvm.masks, spte):
+        return True
+    slot = kvm.gfn_to_memslot(kvm_mmu_page_get_gfn(sp, i))
+    return slot is not None and bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES)
 
 
 def _region_allowed(

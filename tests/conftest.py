@@ -7,7 +7,7 @@ counterexamples survive between runs and machines.
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 
@@ -21,7 +21,10 @@ def _database():  # type: ignore[no-untyped-def]
     return DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), "..", ".hypothesis", "examples"))
 
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# No explain phase: its line tracing made shrinking a state machine failure
+# take minutes instead of a fraction of a second.
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
+_common = dict(deadline=None, phases=_PHASES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "ci", max_examples=60, stateful_step_count=40, derandomize=True, database=None, print_blob=True, **_common
 )

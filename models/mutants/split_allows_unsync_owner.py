@@ -8,7 +8,8 @@ The premise Sean Christopherson's review of v3 22/23 rests on: pages above
 from kvmsplit import shadow_mmu
 from kvmsplit.split import MergedSplit
 
-SHORTEST_TRACE = 6
+# setup, then kvm_mmu_slot_apply_flags() (the state machine shrinks to this).
+SHORTEST_TRACE = 2
 
 
 class Mutant(MergedSplit):

@@ -5,7 +5,8 @@ Breaks split_keeps_min_free_pages.
 
 from kvmsplit.split import EAGAIN, ENOSPC, MergedSplit, split_env
 
-SHORTEST_TRACE = 8
+# setup (nested huge pages), kvm_mmu_change_mmu_pages(headroom=5), kvm_mmu_slot_apply_flags().
+SHORTEST_TRACE = 3
 
 
 class Mutant(MergedSplit):

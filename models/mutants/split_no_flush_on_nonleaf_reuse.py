@@ -7,6 +7,8 @@ cache the huge translation.  Breaks tlb_translations_allowed_at_unlock.
 
 from kvmsplit.split import MergedSplit
 
+# The directed test in tests/quality: two EPT aliases of one 1G page, which the
+# state machine cannot build yet (it edits 2M-level entries only).
 SHORTEST_TRACE = 9
 
 

@@ -7,7 +7,8 @@ from kvmsplit import shadow_mmu
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import make_nonleaf_spte
 
-SHORTEST_TRACE = 7
+# setup, then kvm_mmu_slot_apply_flags() (the state machine shrinks to this).
+SHORTEST_TRACE = 2
 
 
 class Mutant(MergedSplit):

@@ -7,7 +7,8 @@ tlb_translations_allowed_at_unlock (a cached huge translation disagrees).
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import KVM_PAGES_PER_HPAGE, PAGE_SHIFT
 
-SHORTEST_TRACE = 3
+# setup, then kvm_mmu_slot_apply_flags() (the state machine shrinks to this).
+SHORTEST_TRACE = 2
 
 
 class Mutant(MergedSplit):

@@ -37,13 +37,14 @@ CAUGHT_BY = {
 }
 DIRECTED = {"mutants/split_exec_at_2m", "mutants/split_guard_lt", "mutants/split_no_flush_on_nonleaf_reuse"}
 
-CI_GENERATE = settings(
+CI_SHRINK = settings(
     max_examples=60,
     stateful_step_count=40,
     deadline=None,
     derandomize=True,
     database=None,
-    phases=[Phase.generate],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+    report_multiple_bugs=False,
     suppress_health_check=list(HealthCheck),
 )
 
@@ -60,10 +61,39 @@ def test_every_mutant_is_listed_with_the_invariant_that_catches_it() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(set(CAUGHT_BY) - DIRECTED))
-def test_state_machine_catches_the_mutant(name: str) -> None:
+def test_state_machine_catches_the_mutant_and_shrinks_it(name: str) -> None:
     with pytest.raises((InvariantViolation, KvmBugOn)) as excinfo:
-        run_state_machine_as_test(machine_for("tdp", name), settings=CI_GENERATE)
+        run_state_machine_as_test(machine_for("tdp", name), settings=CI_SHRINK)
     assert getattr(excinfo.value, "name", None) == CAUGHT_BY[name]
+    notes = "\n".join(getattr(excinfo.value, "__notes__", []))
+    steps = [line for line in notes.splitlines() if line.strip().startswith("state.") and "teardown" not in line]
+    assert steps, notes
+    assert len(steps) <= model_module(name).SHORTEST_TRACE + 2, notes
+
+
+@pytest.mark.parametrize(
+    ("name", "initially_set"), [("mutants/split_guard_lt", False), ("mutants/split_exec_at_2m", True)]
+)
+def test_stated_shortest_trace_exposes_the_mutant_in_the_state_machine(name: str, initially_set: bool) -> None:
+    import kvmsplit.machine as machine
+
+    quiet = machine.event
+    machine.event = lambda *args, **kwargs: None  # event() needs a running Hypothesis test
+    try:
+        state = machine_for("tdp", name)()
+        state.setup(initially_set=initially_set, no_eager=False, nx=initially_set, plan=(0, 0, 0, "none", 0))
+        with pytest.raises(InvariantViolation) as excinfo:
+            if initially_set:
+                state.kvm_mmu_slot_apply_flags()
+                state.kvm_clear_dirty_log(slot=2, word=0, bits=[0])
+            else:
+                state.kvm_mmu_change_mmu_pages(headroom=KVM_MIN_FREE_MMU_PAGES)
+                state.kvm_mmu_slot_apply_flags()
+        assert excinfo.value.name == CAUGHT_BY[name]
+        # setup plus the two operations above
+        assert model_module(name).SHORTEST_TRACE == 3
+    finally:
+        machine.event = quiet
 
 
 def with_model(kvm, name: str):  # type: ignore[no-untyped-def]
