@@ -133,6 +133,30 @@ def models_cmd() -> None:
         click.echo(name)
 
 
+@main.command("invariants")
+@click.option("--markdown", is_flag=True, help="a Markdown table (docs/invariants.md)")
+def invariants_cmd(markdown: bool) -> None:
+    """List the named invariants: kind, statement, the kernel function relying on it, its mutant."""
+    from kvmsplit.properties import invariants as _registers  # noqa: F401
+    from kvmsplit.properties.registry import INVARIANTS
+
+    if markdown:
+        click.echo("| invariant | checked | statement | relied on by | mutant that breaks it |")
+        click.echo("|---|---|---|---|---|")
+        when = {
+            "state": "after each operation",
+            "unlock": "at each mmu_lock release",
+            "return": "when an ioctl returns",
+        }
+        for inv in INVARIANTS.values():
+            click.echo(
+                f"| `{inv.name}` | {when[inv.kind]} | {inv.statement} | {inv.kernel} | {f'`{inv.mutant}`' if inv.mutant else 'none yet'} |"
+            )
+        return
+    for inv in INVARIANTS.values():
+        click.echo(f"{inv.name} [{inv.kind}]: {inv.statement}")
+
+
 @main.command("scenario")
 @click.argument("name", required=False)
 @click.option("--model", default=None, help="model name or path (default: the scenario's, merged)")

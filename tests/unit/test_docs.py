@@ -15,3 +15,13 @@ def test_documented_trace_example_replays() -> None:
     result = run_trace(cfg, ops)
     assert result.ok, result.failure
     assert any(op["op"] == "expect" for op in ops)
+
+
+def test_invariants_doc_matches_the_registry() -> None:
+    from click.testing import CliRunner
+
+    from kvmsplit.cli import main
+
+    table = CliRunner().invoke(main, ["invariants", "--markdown"]).output
+    doc = (DOC.parent / "invariants.md").read_text()
+    assert table.strip() in doc, "regenerate docs/invariants.md with `kvmsplit invariants --markdown`"
