@@ -10,6 +10,7 @@ Usage: .venv/bin/python benchmarks/bench_machine.py
 
 from __future__ import annotations
 
+import random
 import time
 
 from hypothesis import HealthCheck, Phase, settings
@@ -61,6 +62,92 @@ def hunt(name: str, phases: list[Phase]) -> tuple[float, int | None, str]:
     return time.perf_counter() - t, None, "not caught"
 
 
+class RandomData:
+    """Stands in for st.data() in a plain random walk: draws an address like the machine's strategy."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def draw(self, strategy: object, label: str | None = None) -> int:
+        rng = self.rng
+        pick = rng.randrange(3)
+        if pick == 0:
+            return rng.randrange(machine.GUEST_SPAN)
+        if pick == 1:
+            return machine.BIG_GPA + rng.randrange(4 << 20)
+        return rng.choice([0, 0x1000, 2 << 20, (2 << 20) + 0x5000, (6 << 20) - 4096, 16 << 20, (20 << 20) - 4096])
+
+
+def random_rules(state: machine.KvmMachine, rng: random.Random) -> None:
+    """One step of the same rules, with arguments from @rng instead of Hypothesis."""
+    m = state
+    choices = [
+        lambda: m.kvm_mmu_slot_apply_flags(),
+        lambda: m.kvm_mmu_slot_apply_flags_stop(rng.choice([0, 1, 2])),
+        lambda: m.kvm_mmu_slot_apply_flags_start(rng.choice([1, 2])),
+        lambda: m.kvm_set_memory_region(rng.choice(["delete", "create", "move"])),
+        lambda: m.kvm_vcpu_access(RandomData(rng), rng.randrange(2), rng.choice(["read", "write", "write", "exec"])),
+        lambda: m.kvm_vcpu_run(rng.randrange(2), rng.randrange(12), rng.choice(["read", "write"])),
+        lambda: m.guest_write_pde(
+            rng.randrange(2),
+            rng.randrange(12),
+            rng.randrange(12),
+            rng.choice([7, 7, 5, 3, 1, 4]),
+            rng.choice(["huge", "huge", "table", "none"]),
+        ),
+        lambda: m.guest_write_pte(rng.randrange(2), rng.randrange(8), rng.choice([7, 5, 0])),
+        lambda: m.kvm_guest_tlb_flush(rng.randrange(2)),
+        lambda: m.kvm_get_dirty_log(rng.choice([0, 1, 2])),
+        lambda: m.kvm_clear_dirty_log(
+            rng.choice([0, 0, 1, 2]), rng.randrange(16), [rng.randrange(64) for _ in range(rng.randint(1, 4))]
+        ),
+        lambda: m.kvm_mmu_notifier(rng.randrange(4), rng.choice(["split", "collapse", "dontneed", "clear_young"])),
+        lambda: m.kvm_mmu_change_mmu_pages(rng.choice([4, 5, 6, 7, 40])),
+        lambda: m.set_module_param(rng.choice(["eager_page_split", "nx_huge_pages"]), rng.random() < 0.5),
+        lambda: m.model_split_env(rng.randrange(4), rng.randrange(2), rng.randrange(2)),
+    ]
+    if m.nested:
+        choices += [lambda: m.nested_vmx_enter(rng.randrange(2)), lambda: m.nested_vmx_vmexit(rng.randrange(2))]
+    if m.mmu_kind == "tdp":
+        choices.append(lambda: m.model_tdp_race(rng.choice(["accessed", "zap"])))
+    if not m.initially_set:
+        choices = [c for i, c in enumerate(choices) if i != 10]
+    rng.choice(choices)()
+
+
+def random_walk(
+    mmu: str, model: str, cases: int = 60, steps: int = 40, seed: int = 0
+) -> tuple[int, int, float, str | None, int]:
+    """(cases, ops, seconds, finding, failing length) of a plain walk that stops at the first finding."""
+    rng = random.Random(seed)
+    ops = 0
+    t = time.perf_counter()
+    for case in range(cases):
+        state = machine.machine_for(mmu, model)()
+        step = -1
+        try:
+            state.setup(
+                rng.random() < 0.5,
+                rng.random() < 0.5,
+                rng.random() < 0.5,
+                (
+                    rng.randrange(3),
+                    rng.randrange(2),
+                    rng.randrange(2),
+                    rng.choice(["none", "accessed", "zap"]),
+                    rng.choice([0, 4, 5, 6, 7]),
+                ),
+            )
+            for step in range(steps):  # noqa: B007 - read after a finding
+                random_rules(state, rng)
+        except Exception as e:  # a finding ends the walk
+            ops += len(state.ops)
+            return case + 1, ops, time.perf_counter() - t, getattr(e, "name", type(e).__name__), step + 2
+        ops += len(state.ops)
+        state.teardown()
+    return cases, ops, time.perf_counter() - t, None, 0
+
+
 def main() -> None:
     print("state machine throughput (ci profile, generation only)")
     print(f"{'mmu':<11} {'model':<7} {'cases':>6} {'ops':>6} {'time s':>7} {'cases/s':>8} {'ops/s':>7}")
@@ -69,14 +156,26 @@ def main() -> None:
             n, ops, dt = throughput(mmu, model)
             print(f"{mmu:<11} {model:<7} {n:>6} {ops:>6} {dt:>7.2f} {n / dt:>8.1f} {ops / dt:>7.0f}")
     print()
+    print("plain random walk over the same rules (no Hypothesis, no shrinking; 60 cases of 40 steps)")
+    print(f"{'mmu':<11} {'model':<7} {'cases':>6} {'ops':>6} {'time s':>7} {'cases/s':>8} {'ops/s':>7}")
+    for mmu in ("tdp", "tdp-legacy", "shadow"):
+        for model in ("merged", "v3"):
+            n, ops, dt, finding, _ = random_walk(mmu, model)
+            extra = f"  finding: {finding}" if finding else ""
+            print(f"{mmu:<11} {model:<7} {n:>6} {ops:>6} {dt:>7.2f} {n / dt:>8.1f} {ops / dt:>7.0f}{extra}")
+    print()
     print("mutants on the tdp configuration (ci profile)")
-    print(f"{'mutant':<42} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} {'stated':>6}  invariant")
+    print(
+        f"{'mutant':<42} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} {'stated':>6} {'walk s':>7} {'walk len':>8}  invariant"
+    )
     for name in [m for m in list_models() if m.startswith("mutants/")]:
         first, _, _ = hunt(name, GENERATE)
         shrunk, steps, inv = hunt(name, SHRINK)
+        _, _, walk_s, walk_finding, walk_len = random_walk("tdp", name)
         stated = model_module(name).SHORTEST_TRACE
         shown = "-" if steps is None else str(steps)
-        print(f"{name:<42} {first:>15.2f} {shrunk:>9.2f} {shown:>5} {stated:>6}  {inv}")
+        walk = f"{walk_len:>8}" if walk_finding else f"{'-':>8}"
+        print(f"{name:<42} {first:>15.2f} {shrunk:>9.2f} {shown:>5} {stated:>6} {walk_s:>7.2f} {walk}  {inv}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 
 from hypothesis import event, target
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from kvmsplit.errors import HarnessError
@@ -87,6 +88,10 @@ class KvmMachine(RuleBasedStateMachine):
 
     def _report_events(self) -> None:
         events = dict(self.kvm.model_split_env.events)
+        if not currently_in_test_context():
+            # Driven by hand or by a plain random walk: nothing to report to.
+            self.seen_events = events
+            return
         for name, count in events.items():
             if count > self.seen_events.get(name, 0):
                 event(f"split: {name}")
@@ -449,7 +454,8 @@ class KvmMachine(RuleBasedStateMachine):
             events = self.kvm.model_split_env.events
             rare = sum(1 for e in RARE_EVENTS if any(e in k for k in events))
             # Steer toward runs that reach many of the rare branches.
-            target(float(rare), label="distinct rare split events")
+            if currently_in_test_context():
+                target(float(rare), label="distinct rare split events")
         if self.checker is not None:
             self.checker.detach()
 
