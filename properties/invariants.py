@@ -521,6 +521,27 @@ def _region_allowed(
         span = _SPAN[level]
 
 
+def _walk_allowed(kvm: Kvm, root: KvmMmuPage, level: int, addr: int, child_pfn: int) -> str | None:
+    """Does the SPTE at @level for @addr still point at table @child_pfn, as the cache says?"""
+    sp = root
+    lvl = root.role.level
+    while True:
+        i = (addr >> (PAGE_SHIFT + 9 * (lvl - 1))) & 511
+        spte = sp.spt[i]
+        if not spte & SPTE_MMU_PRESENT or (lvl == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK):
+            return f"the walk cache holds a level-{level} entry for {addr:#x}, but {sp!r}[{i}] is no table now"
+        pfn = (spte & _BASE_MASK) >> PAGE_SHIFT
+        if lvl == level:
+            if pfn != child_pfn:
+                return f"the walk cache points the level-{level} entry for {addr:#x} at table {child_pfn:#x}, the SPTE at {pfn:#x}"
+            return None
+        child = kvm.sp_by_pfn.get(pfn)
+        if child is None:
+            return f"{sp!r}[{i}] points at a freed table"
+        sp = child
+        lvl -= 1
+
+
 def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
     for vcpu in kvm.vcpus:
         for ctx in (vcpu.root_mmu, vcpu.guest_mmu):
@@ -546,6 +567,18 @@ def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
                     fail(
                         "tlb_translations_allowed_strict" if strict else "tlb_translations_allowed_at_unlock",
                         f"vcpu {vcpu.vcpu_id} {ctx.name} caches a level-{level} translation at {addr:#x}: {err}",
+                    )
+            # Paging-structure caches: a cached non-leaf entry must still point
+            # at the same table, or the CPU could walk a freed one.
+            for (name, level, prefix), child_pfn in vcpu.tlb.walks.items():
+                if name != ctx.name:
+                    continue
+                addr = prefix << (PAGE_SHIFT + KVM_HPAGE_GFN_SHIFT(level))
+                err = _walk_allowed(kvm, root, level, addr, child_pfn)
+                if err:
+                    fail(
+                        "tlb_translations_allowed_strict" if strict else "tlb_translations_allowed_at_unlock",
+                        f"vcpu {vcpu.vcpu_id} {ctx.name}: {err}",
                     )
 
 

@@ -396,3 +396,27 @@ def test_a_flush_pays_every_debt() -> None:
     tdp_mmu.kvm_tdp_mmu_wrprot_slot(kvm, kvm.slot(1), PG_LEVEL_4K)
     kvm.kvm_flush_remote_tlbs("test")
     assert failing(kvm) == {}
+
+
+def test_tlb_check_catches_a_cached_table_entry_whose_spte_changed() -> None:
+    """A cached paging-structure entry must still point at the table the SPTE points at."""
+    from kvmsplit.properties.invariants import tlb_translations_allowed_at_unlock
+
+    from kvmsplit import mmu as _mmu
+    from kvmsplit import x86 as _x86
+    from kvmsplit.errors import InvariantViolation as _Violation
+    from kvmsplit.kvm import Kvm as _Kvm
+
+    kvm = _Kvm.create("tdp")
+    _x86.kvm_set_user_memory_region(kvm, 0, 0, 0, 4 << 20, 0x7F00_0000_0000, "thp")
+    _mmu.kvm_vcpu_access(kvm, 0, 0x1000, write=True)
+    vcpu = kvm.vcpus[0]
+    assert vcpu.tlb.walks, "the access walked two non-leaf levels"
+    tlb_translations_allowed_at_unlock(kvm)
+    vcpu.tlb.leaves.clear()  # only the paging-structure caches remain
+    root = vcpu.root_mmu.root
+    root.spt[0] = 0  # the top-level entry is gone, with no flush
+    with pytest.raises(_Violation) as excinfo:
+        tlb_translations_allowed_at_unlock(kvm)
+    assert excinfo.value.name == "tlb_translations_allowed_at_unlock"
+    assert "walk cache" in excinfo.value.message
