@@ -55,6 +55,9 @@ class KvmMemorySlot:
     lpage_info: list[dict[int, int]] = attrs.field(factory=lambda: [{} for _ in range(KVM_NR_PAGE_SIZES - 1)])
     gfn_write_track: dict[int, int] = attrs.field(factory=dict)
     dirty_bitmap: bytearray | None = None
+    # Model: gfns the guest wrote while logging was on and userspace has not
+    # harvested since (what dirty_log_records_every_write checks).
+    model_written: set[int] = attrs.field(factory=set)
 
     def __repr__(self) -> str:
         return (

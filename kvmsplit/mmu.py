@@ -654,6 +654,8 @@ def kvm_vcpu_access(
             if not required & ~access and (dirty or not write):
                 gfn = model_gfn_for_pfn(kvm, vcpu, addr)
                 model_guest_store(kvm, gfn, data)
+                if write:
+                    model_note_write(kvm, gfn)
                 return AccessResult("tlb", gfn=gfn, pfn=pfn, faults=faults)
         walk = hw_walk(kvm, ctx.root, addr, required)
         if walk.ok:
@@ -675,6 +677,8 @@ def kvm_vcpu_access(
                 walk.path,
             )
             model_guest_store(kvm, gfn, data)
+            if write:
+                model_note_write(kvm, gfn)
             offset = (addr >> PAGE_SHIFT) & (KVM_PAGES_PER_HPAGE(level) - 1)
             return AccessResult("walk", gfn=gfn, pfn=spte_to_pfn(spte) + offset, faults=faults)
         faults += 1
@@ -697,6 +701,7 @@ def kvm_vcpu_access(
                 return AccessResult("mmio", gfn=fault.gfn, faults=faults)
             if write:
                 kvm_vcpu_write_guest(kvm, vcpu, fault.gfn, data)
+                model_note_write(kvm, fault.gfn)
             return AccessResult("emulated", gfn=fault.gfn, faults=faults)
 
 
@@ -718,6 +723,15 @@ def model_gfn_for_pfn(kvm: Kvm, vcpu: KvmVcpu, addr: int) -> int | None:
         return addr >> PAGE_SHIFT
     w = paging_tmpl.walk_for(kvm, vcpu, addr)
     return None if w is None else w.gfn
+
+
+def model_note_write(kvm: Kvm, gfn: int | None) -> None:
+    """Model: remember a guest write into a dirty-logged slot until userspace harvests it."""
+    if gfn is None:
+        return
+    slot = kvm.gfn_to_memslot(gfn)
+    if slot is not None and slot.dirty_bitmap is not None:
+        slot.model_written.add(gfn)
 
 
 def model_guest_store(kvm: Kvm, gfn: int | None, data: tuple[int, int] | None) -> None:

@@ -108,9 +108,11 @@ def kvm_set_user_memory_region(
     if new is not None:
         if not flags & KVM_MEM_LOG_DIRTY_PAGES:
             new.dirty_bitmap = None
+            new.model_written.clear()
         elif old is not None and old.dirty_bitmap is not None:
             # Any change but a delete keeps the old bitmap (kvm_prepare_memory_region()).
             new.dirty_bitmap = old.dirty_bitmap
+            new.model_written = {g - old.base_gfn + new.base_gfn for g in old.model_written}
         else:
             dirty_bitmap_alloc(new, kvm.kvm_dirty_log_manual_protect_and_init_set())
     old_flags = old.flags if old is not None else 0
@@ -186,6 +188,14 @@ def _dirty_log_slot(kvm: Kvm, slot_id: int, where: str) -> KvmMemorySlot:
     return slot
 
 
+def _model_harvested(slot: KvmMemorySlot, gfn_offset: int, mask: int) -> None:
+    """Model: userspace has seen these writes; forget them."""
+    while mask:
+        low = mask & -mask
+        slot.model_written.discard(slot.base_gfn + gfn_offset + low.bit_length() - 1)
+        mask ^= low
+
+
 def kvm_get_dirty_log(kvm: Kvm, slot_id: int) -> bytes:
     """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect()): the bitmap, re-protecting what it reports."""
     slot = _dirty_log_slot(kvm, slot_id, "KVM_GET_DIRTY_LOG")
@@ -203,6 +213,7 @@ def kvm_get_dirty_log(kvm: Kvm, slot_id: int) -> bytes:
         flush = True
         bitmap[i : i + 8] = bytes(8)
         buffer[i : i + 8] = mask.to_bytes(8, "little")
+        _model_harvested(slot, i * 8, mask)
         mmu.kvm_arch_mmu_enable_log_dirty_pt_masked(kvm, slot, i * 8, mask)
     kvm.mmu_unlock("kvm_get_dirty_log_protect")
     if flush:
@@ -243,6 +254,7 @@ def kvm_clear_dirty_log(kvm: Kvm, slot_id: int, first_page: int, num_pages: int,
         # atomic_long_fetch_andnot(): only bits that really were set count.
         mask &= cur
         dirty[i * 8 : i * 8 + 8] = (cur & ~mask).to_bytes(8, "little")
+        _model_harvested(slot, i * 64, mask)
         if mask:
             flush = True
             mmu.kvm_arch_mmu_enable_log_dirty_pt_masked(kvm, slot, i * 64, mask)

@@ -182,6 +182,22 @@ def dirty_logged_slot_has_no_writable_huge_leaf(kvm: Kvm) -> None:
                 )
 
 
+@invariant(kernel="kvm_mmu_slot_apply_flags(), kvm_get_dirty_log_protect(), mark_page_dirty_in_slot()", mutant=None)
+def dirty_log_records_every_write(kvm: Kvm) -> None:
+    """Every gfn the guest wrote after logging started is set in the dirty bitmap until userspace harvests it."""
+    for slot in kvm.memslots.values():
+        bitmap = slot.dirty_bitmap
+        if bitmap is None:
+            continue
+        for gfn in slot.model_written:
+            rel = gfn - slot.base_gfn
+            if not bitmap[rel >> 3] & (1 << (rel & 7)):
+                fail(
+                    "dirty_log_records_every_write",
+                    f"the guest wrote gfn {gfn:#x} in logged slot {slot.id}, but its dirty bit is clear",
+                )
+
+
 # --- shadow page structure -----------------------------------------------------------
 
 

@@ -420,3 +420,30 @@ def test_tlb_check_catches_a_cached_table_entry_whose_spte_changed() -> None:
         tlb_translations_allowed_at_unlock(kvm)
     assert excinfo.value.name == "tlb_translations_allowed_at_unlock"
     assert "walk cache" in excinfo.value.message
+
+
+def test_dirty_log_invariant_catches_a_write_through_a_stale_tlb_entry() -> None:
+    """Skip the flush of KVM_GET_DIRTY_LOG: the next write hits the stale writable TLB entry and is never logged."""
+    from unittest import mock
+
+    from kvmsplit.properties.invariants import dirty_log_records_every_write
+
+    from kvmsplit import mmu as _mmu
+    from kvmsplit import x86 as _x86
+    from kvmsplit.errors import InvariantViolation as _Violation
+    from kvmsplit.kvm import Kvm as _Kvm
+    from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES as _LOG
+
+    kvm = _Kvm.create("tdp")
+    hva = 0x7F00_0000_0000
+    _x86.kvm_set_user_memory_region(kvm, 0, 0, 0, 4 << 20, hva, "thp")
+    _x86.kvm_set_user_memory_region(kvm, 0, _LOG, 0, 4 << 20, hva)
+    _mmu.kvm_vcpu_access(kvm, 0, 0x3000, write=True)
+    dirty_log_records_every_write(kvm)
+    with mock.patch.object(_Kvm, "kvm_flush_remote_tlbs_memslot", lambda self, slot, reason="": None):
+        assert _x86.kvm_get_dirty_log(kvm, 0)
+    r = _mmu.kvm_vcpu_access(kvm, 0, 0x3000, write=True)
+    assert r.outcome == "tlb"
+    with pytest.raises(_Violation) as excinfo:
+        dirty_log_records_every_write(kvm)
+    assert excinfo.value.name == "dirty_log_records_every_write"
