@@ -198,6 +198,32 @@ def dirty_log_records_every_write(kvm: Kvm) -> None:
                 )
 
 
+@invariant(
+    kernel="make_huge_page_split_spte(), kvm_mmu_notifier_invalidate_range_start()",
+    mutant="mutants/split_child_indirect",
+)
+def leaf_maps_the_host_pfn_of_its_gfn(kvm: Kvm) -> None:
+    """Every present leaf maps exactly the host pfn that backs the gfn it records (the notifier keeps this true)."""
+    for sp, i, spte in present_leaves(kvm):
+        gfn = kvm_mmu_page_get_gfn(sp, i)
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is None:
+            fail("leaf_maps_the_host_pfn_of_its_gfn", f"{sp!r}[{i}] records gfn {gfn:#x}, which is in no memslot")
+            return
+        found = kvm.host._lookup(slot.gfn_to_hva(gfn))
+        if found is None:
+            fail("leaf_maps_the_host_pfn_of_its_gfn", f"{sp!r}[{i}] maps gfn {gfn:#x}, whose host page is gone")
+            return
+        level, base = found
+        hva_page = slot.gfn_to_hva(gfn) >> PAGE_SHIFT
+        host_pfn = base + (hva_page & (KVM_PAGES_PER_HPAGE(level) - 1))
+        if (spte & _BASE_MASK) >> PAGE_SHIFT != host_pfn:
+            fail(
+                "leaf_maps_the_host_pfn_of_its_gfn",
+                f"{sp!r}[{i}] maps gfn {gfn:#x} to pfn {(spte & _BASE_MASK) >> PAGE_SHIFT:#x}, the host backs it with {host_pfn:#x}",
+            )
+
+
 # --- shadow page structure -----------------------------------------------------------
 
 
@@ -420,7 +446,7 @@ def mmu_pages_accounted(kvm: Kvm) -> None:
         fail("mmu_pages_accounted", f"tdp_mmu_pages={kvm.tdp_mmu_pages}, {tdp} linked TDP tables")
 
 
-@invariant(kernel="kvm_update_page_stats()", mutant=None)
+@invariant(kernel="kvm_update_page_stats()", mutant="mutants/split_stats_reused_as_fresh")
 def page_stats_count_present_leaves(kvm: Kvm) -> None:
     """pages_4k, pages_2m and pages_1g equal the present leaf SPTEs at each level, over both MMUs."""
     count = [0, 0, 0]

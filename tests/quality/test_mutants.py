@@ -34,8 +34,15 @@ CAUGHT_BY = {
     "mutants/split_exec_at_2m": "nx_huge_page_not_executable",
     "mutants/split_guard_lt": "split_keeps_min_free_pages",
     "mutants/split_no_flush_on_nonleaf_reuse": "tlb_translations_allowed_at_unlock",
+    "mutants/split_child_indirect": "leaf_maps_the_host_pfn_of_its_gfn",
+    "mutants/split_stats_reused_as_fresh": "page_stats_count_present_leaves",
 }
-DIRECTED = {"mutants/split_exec_at_2m", "mutants/split_guard_lt", "mutants/split_no_flush_on_nonleaf_reuse"}
+DIRECTED = {
+    "mutants/split_exec_at_2m",
+    "mutants/split_guard_lt",
+    "mutants/split_no_flush_on_nonleaf_reuse",
+    "mutants/split_stats_reused_as_fresh",
+}
 
 CI_SHRINK = settings(
     max_examples=60,
@@ -159,4 +166,26 @@ def test_missing_reuse_flush_is_caught_by_the_tlb_check(model: str) -> None:
         return
     with pytest.raises(InvariantViolation) as excinfo:
         clear()
+    assert excinfo.value.name == CAUGHT_BY[model]
+
+
+@pytest.mark.parametrize("model", ["merged", "mutants/split_stats_reused_as_fresh"])
+def test_stats_of_a_reused_page_count_only_new_children(model: str) -> None:
+    """Two EPT aliases of one 2M page: the second split reuses the first's page, k = 0 new children."""
+    kvm, checker = new_vm("tdp")
+    with_model(kvm, model)
+    add_slot(kvm, 0, 0, 4 * MiB, "thp")
+    ept = EptBuilder(kvm)
+    ept.map_range(0, 0, 2 * MiB, PG_LEVEL_2M)
+    ept.map_range(64 * MiB, 0, 2 * MiB, PG_LEVEL_2M)
+    x86.nested_vmx_enter(kvm, 0, ept.root)
+    run(kvm, checker, 0, 0, 1, 4096)
+    run(kvm, checker, 0, 64 * MiB, 64 * MiB + 1, 4096)
+    set_logging(kvm, 0, True)
+    if model == "merged":
+        checker.after_operation()
+        assert kvm.model_split_env.events["reuse"] == 1
+        return
+    with pytest.raises(InvariantViolation) as excinfo:
+        checker.after_operation()
     assert excinfo.value.name == CAUGHT_BY[model]
