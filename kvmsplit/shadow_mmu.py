@@ -118,14 +118,19 @@ def mmu_spte_update(kvm: Kvm, sptep: Sptep, new_spte: int, deferred: bool = Fals
     return flush
 
 
-def mmu_spte_clear_track_bits(kvm: Kvm, sptep: Sptep) -> int:
-    """Clear a leaf SPTE, moving its page stat (mmu.c)."""
+def mmu_spte_clear_track_bits(kvm: Kvm, sptep: Sptep, owe_flush: bool = True) -> int:
+    """Clear a leaf SPTE, moving its page stat (mmu.c).
+
+    Model: @owe_flush records the flush the zap needs; only eager splitting's
+    drop of a huge SPTE whose translation stays the same passes False.
+    """
     old_spte = sptep.spte
     sptep.sp.spt[sptep.index] = 0
     if not is_shadow_present_pte(old_spte):
         return old_spte
     kvm.kvm_update_page_stats(sptep.sp.role.level, -1)
-    kvm.owe_flush("mmu_spte_clear_track_bits")
+    if owe_flush:
+        kvm.owe_flush("mmu_spte_clear_track_bits")
     return old_spte
 
 
@@ -133,8 +138,8 @@ def mmu_spte_clear_no_track(kvm: Kvm, sptep: Sptep) -> None:
     sptep.sp.spt[sptep.index] = 0
 
 
-def drop_spte(kvm: Kvm, sptep: Sptep) -> None:
-    old_spte = mmu_spte_clear_track_bits(kvm, sptep)
+def drop_spte(kvm: Kvm, sptep: Sptep, owe_flush: bool = True) -> None:
+    old_spte = mmu_spte_clear_track_bits(kvm, sptep, owe_flush)
     if is_shadow_present_pte(old_spte):
         rmap_remove(kvm, sptep)
 
@@ -538,18 +543,14 @@ def mmu_try_to_unsync_pages(kvm: Kvm, slot: KvmMemorySlot | None, gfn: int, sync
 def drop_large_spte(kvm: Kvm, sptep: Sptep, flush: bool) -> None:
     sp = sptep.sp
     kvm_bug_on(sp.role.level == PG_LEVEL_4K, "drop_large_spte", lambda: f"{sptep!r} is in a 4K page")
-    kvm_bug_on(not is_large_pte(sptep.spte), "drop_large_spte", lambda: f"{sptep!r} is not large: {sptep.spte:#x}")
-    drop_spte(kvm, sptep)
-    if not flush:
-        # Model: the caller vouches that the translation is unchanged (eager
-        # split); the TLB checks judge that claim, the debt does not.
-        if kvm.tlb_flush_debt_count <= len(kvm.tlb_flush_debt):
-            kvm.tlb_flush_debt.pop()
-        kvm.tlb_flush_debt_count -= 1
-        kvm.model_unflushed_huge_drops += 1
+    # Without @flush the caller (eager split) vouches that the translation is
+    # unchanged: the TLB checks judge that claim, so no flush debt is owed.
+    drop_spte(kvm, sptep, owe_flush=flush)
     if flush:
         gfn = kvm_mmu_page_get_gfn(sp, sptep.index)
         kvm.kvm_flush_remote_tlbs_range(gfn, KVM_PAGES_PER_HPAGE(sp.role.level), "drop_large_spte")
+    else:
+        kvm.model_unflushed_huge_drops += 1
 
 
 def _link_shadow_page(
