@@ -366,6 +366,8 @@ def validate_op(index: int, raw: Any) -> tuple[OpSpec, dict[str, Any]]:
     spec = OPS[name]
     known = {a.name for a in spec.args}
     extra = sorted(set(raw) - known - {"op", "expect"})
+    if "expect" in raw and name != "kvm_get_dirty_log":
+        extra = sorted([*extra, "expect"])
     if extra:
         raise HarnessError(f"{where} ({name}): unknown field(s) {extra}; fields are {sorted(known)}")
     args: dict[str, Any] = {}
@@ -396,7 +398,104 @@ def validate_op(index: int, raw: Any) -> tuple[OpSpec, dict[str, Any]]:
             }.get(a.kind, f"one of {list(a.choices)}" if a.choices else "a string")
             raise HarnessError(f"{where} ({name}): field {a.name!r} must be {want}, got {v!r}")
         args[a.name] = v
+    # Bounds a type check cannot express; each keeps one operation of a
+    # malformed trace from hanging or exhausting memory instead of failing.
+    for field, lo, hi in _FIELD_RANGES.get(name, ()):
+        v = args.get(field)
+        if isinstance(v, int) and not lo <= v <= hi:
+            bound = f"{hi:#x}" if hi > 4096 else str(hi)
+            raise HarnessError(f"{where} ({name}): field {field!r} is {v!r}, outside {lo}..{bound}")
+    for a in spec.args:
+        v = args.get(a.name)
+        if a.kind == "int" and isinstance(v, int) and v >= 1 << 64:
+            raise HarnessError(f"{where} ({name}): field {a.name!r} is {v:#x}, wider than 64 bits")
+        if a.kind == "intlist" and isinstance(v, list) and any(x >= 1 << 64 for x in v):
+            raise HarnessError(f"{where} ({name}): field {a.name!r} holds a value wider than 64 bits")
+    if name == "kvm_vcpu_access" and args.get("pte") is not None:
+        pte_index, value = args["pte"]
+        if not 0 <= pte_index < 512 or not 0 <= value < 1 << 64:
+            raise HarnessError(
+                f"{where} ({name}): field 'pte' must be [index 0..511, a 64-bit value], got {args['pte']!r}"
+            )
+    if name == "kvm_vcpu_run" and args["stride"] > 0 and args["end"] > args["start"]:
+        accesses = (args["end"] - args["start"] + args["stride"] - 1) // args["stride"]
+        if accesses > MAX_RUN_ACCESSES:
+            raise HarnessError(
+                f"{where} ({name}): fields 'start', 'end' and 'stride' make {accesses} guest accesses, "
+                f"more than {MAX_RUN_ACCESSES}; use a larger stride"
+            )
+    if name == "kvm_get_dirty_log" and "expect" in raw:
+        want = raw["expect"]
+        if not isinstance(want, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in want
+        ):
+            raise HarnessError(f"{where} ({name}): field 'expect' must be a list of gfns, got {want!r}")
     return spec, args
+
+
+# Model: one KVM_RUN touches at most this many addresses (a 4 GiB range at 4K).
+MAX_RUN_ACCESSES = 1 << 20
+# (field, lowest, highest) per operation.
+_FIELD_RANGES: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "kvm_vcpu_access": (("vcpu", 0, 63),),
+    "kvm_vcpu_run": (("vcpu", 0, 63),),
+    "kvm_set_cr3": (("vcpu", 0, 63),),
+    "nested_vmx_enter": (("vcpu", 0, 63),),
+    "nested_vmx_vmexit": (("vcpu", 0, 63),),
+    "kvm_guest_tlb_flush": (("vcpu", 0, 63),),
+    "guest_build_identity_map": (("page_level", 1, 3), ("access", 0, 7), ("npages", 0, 1 << 24)),
+    "guest_store_table": (("access", 0, 7),),
+    "model_split_env": (("need_resched", 0, 1 << 16), ("topup_fails", 0, 1 << 16), ("tdp_alloc_fails", 0, 1 << 16)),
+    "kvm_clear_dirty_log": (("num_pages", 0, 1 << 32),),
+}
+
+
+def _check_against_config(cfg: TraceConfig, ops: list[dict[str, Any]]) -> None:
+    """Checks that need the trace as a whole: vCPU ids and gfns that must lie in a memslot.
+
+    The memslot layout is followed statically through the
+    kvm_set_user_memory_region operations (size 0 deletes a slot).
+    """
+    slots: dict[int, tuple[int, int]] = {}
+
+    def in_slot(gfn: int) -> bool:
+        return any(base <= gfn < base + npages for base, npages in slots.values())
+
+    def layout() -> str:
+        if not slots:
+            return "no memslot exists yet"
+        return "memslots: " + ", ".join(
+            f"{sid} at gfn {base:#x}+{npages:#x}" for sid, (base, npages) in sorted(slots.items())
+        )
+
+    for i, op in enumerate(ops):
+        name = op["op"]
+        where = f"operation {i} ({name})"
+        vcpu = op.get("vcpu")
+        if isinstance(vcpu, int) and vcpu >= cfg.nr_vcpus:
+            raise HarnessError(
+                f"{where}: field 'vcpu': vcpu {vcpu} does not exist (config 'nr_vcpus' is {cfg.nr_vcpus})"
+            )
+        if name == "kvm_set_user_memory_region":
+            if op["size"] == 0:
+                slots.pop(op["slot"], None)
+            else:
+                slots[op["slot"]] = (op["gpa"] >> 12, op["size"] >> 12)
+            continue
+        gfn_fields: list[tuple[str, int]] = []
+        if name == "nested_vmx_enter":
+            gfn_fields = [("eptp_gfn", op["eptp_gfn"])]
+        elif name == "kvm_set_cr3" and cfg.mmu == "shadow":
+            gfn_fields = [("root_gfn", op["root_gfn"])]
+        elif name == "guest_build_identity_map":
+            gfn_fields = [("root_gfn", op["root_gfn"])] + [("table_gfns", g) for g in op["table_gfns"]]
+        elif name == "guest_store_table":
+            gfn_fields = [("gfn", op["gfn"])]
+        elif name == "kvm_clear_dirty_log":
+            gfn_fields = [("gfns", g) for g in op["gfns"]]
+        for field, gfn in gfn_fields:
+            if not in_slot(gfn):
+                raise HarnessError(f"{where}: field {field!r} holds gfn {gfn:#x}, outside every memslot ({layout()})")
 
 
 @attrs.define
@@ -420,12 +519,14 @@ def parse_config(raw: Any) -> TraceConfig:
     if extra:
         raise HarnessError(f"trace config: unknown field(s) {extra}; fields are {sorted(fields)}")
     cfg = TraceConfig(**raw)
+    if not isinstance(cfg.mmu, str) or not isinstance(cfg.model, str):
+        raise HarnessError("trace config: fields 'mmu' and 'model' must be strings")
     if cfg.mmu not in ("tdp", "tdp-legacy", "shadow"):
         raise HarnessError(f"trace config: field 'mmu' is {cfg.mmu!r}, not one of tdp, tdp-legacy, shadow")
     for name in ("eager_page_split", "nx_huge_pages", "pml"):
         if not isinstance(getattr(cfg, name), bool):
             raise HarnessError(f"trace config: field {name!r} must be true or false")
-    if not isinstance(cfg.nr_vcpus, int) or not 1 <= cfg.nr_vcpus <= 64:
+    if not isinstance(cfg.nr_vcpus, int) or isinstance(cfg.nr_vcpus, bool) or not 1 <= cfg.nr_vcpus <= 64:
         raise HarnessError(f"trace config: field 'nr_vcpus' is {cfg.nr_vcpus!r}, not 1..64")
     return cfg
 
@@ -484,6 +585,7 @@ def load_trace(text: str, source: str = "<trace>") -> tuple[TraceConfig, list[di
         cfg = parse_config(doc.get("config", {}))
         for i, op in enumerate(ops):
             validate_op(i, op)
+        _check_against_config(cfg, ops)
     except HarnessError as e:
         raise HarnessError(f"{source}: {e}") from None
     return cfg, ops
