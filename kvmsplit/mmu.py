@@ -624,13 +624,14 @@ MAX_FAULTS_PER_ACCESS = 16
 
 
 def kvm_vcpu_access(
-    kvm: Kvm, vcpu_id: int, addr: int, write: bool = False, exec: bool = False, data: tuple[int, int] | None = None
+    kvm: Kvm, vcpu_id: int, addr: int, write: bool = False, exec: bool = False, data: tuple[int, ...] | None = None
 ) -> AccessResult:
     """Model: vCPU @vcpu_id reads, writes or fetches at @addr.
 
     @addr is a gpa for L1 under TDP, a gva under shadow paging and an L2 gpa
     in guest mode.  @data=(index, value) writes an 8-byte guest PTE at entry
-    @index of the page written, which is how the guest edits its page tables.
+    @index of the page written, which is how the guest edits its page tables;
+    (index, value, width) writes only the first @width bytes of @value.
     """
 
     vcpu = kvm.vcpu(vcpu_id)
@@ -642,6 +643,8 @@ def kvm_vcpu_access(
         raise HarnessError("kvm_vcpu_access: data given for a read")
     if data is not None and (not 0 <= data[0] < 512 or not 0 <= data[1] < 1 << 64):
         raise HarnessError(f"kvm_vcpu_access: guest PTE write {data!r} is not (index < 512, u64)")
+    if data is not None and len(data) > 2 and data[2] not in (1, 2, 4, 8):
+        raise HarnessError(f"kvm_vcpu_access: guest PTE store width {data[2]!r} is not 1, 2, 4 or 8 bytes")
     required = required_access(write, exec)
     faults = 0
     while True:
@@ -734,20 +737,31 @@ def model_note_write(kvm: Kvm, gfn: int | None) -> None:
         slot.model_written.add(gfn)
 
 
-def model_guest_store(kvm: Kvm, gfn: int | None, data: tuple[int, int] | None) -> None:
+def model_guest_store(kvm: Kvm, gfn: int | None, data: tuple[int, ...] | None) -> None:
     """Model: a guest store that reaches memory without KVM seeing it."""
     if data is None or gfn is None:
         return
-    kvm.guest_tables.setdefault(gfn, [0] * 512)[data[0]] = data[1]
+    table = kvm.guest_tables.setdefault(gfn, [0] * 512)
+    mask = (1 << (8 * (data[2] if len(data) > 2 else 8))) - 1
+    table[data[0]] = (table[data[0]] & ~mask) | (data[1] & mask)
 
 
-def kvm_vcpu_write_guest(kvm: Kvm, vcpu: KvmVcpu, gfn: int, data: tuple[int, int] | None) -> None:
+def kvm_vcpu_write_guest(kvm: Kvm, vcpu: KvmVcpu, gfn: int, data: tuple[int, ...] | None) -> None:
     """emulator_write_phys(): write memory, log it dirty, tell page tracking."""
     slot = kvm.gfn_to_memslot(gfn)
     model_guest_store(kvm, gfn, data)
     mark_page_dirty_in_slot(slot, gfn)
-    offset = (data[0] * 8) if data is not None else 0
-    kvm_mmu_track_write(kvm, vcpu, (gfn << PAGE_SHIFT) + offset, 8, data[1] if data is not None else 0)
+    if data is None:
+        kvm_mmu_track_write(kvm, vcpu, gfn << PAGE_SHIFT, 8, 0)
+        return
+    # mmu_pte_write_fetch_gpte(): with PAE paging (long mode included) a
+    # 4-byte store is widened to its whole 8-byte gpte; only 4- and 8-byte
+    # stores read back a new gpte, any other width zaps with gentry 0.
+    nbytes = data[2] if len(data) > 2 else 8
+    if nbytes == 4:
+        nbytes = 8
+    gentry = kvm.guest_tables[gfn][data[0]] if nbytes in (4, 8) else 0
+    kvm_mmu_track_write(kvm, vcpu, (gfn << PAGE_SHIFT) + data[0] * 8, nbytes, gentry)
 
 
 # --- emulated writes to shadowed page tables -------------------------------------------

@@ -47,14 +47,16 @@ class OpSpec:
     doc: str
 
 
-def _access(kvm: Kvm, vcpu: int, addr: int, access: str, pte: list[int] | None) -> dict[str, Any]:
+def _access(kvm: Kvm, vcpu: int, addr: int, access: str, pte: list[int] | None, width: int = 8) -> dict[str, Any]:
+    if pte is None and width != 8:
+        raise HarnessError(f"kvm_vcpu_access: field 'width' is {width!r} but no 'pte' is written")
     r = mmu.kvm_vcpu_access(
         kvm,
         vcpu,
         addr,
         write=access == "write",
         exec=access == "exec",
-        data=(pte[0], pte[1]) if pte is not None else None,
+        data=(pte[0], pte[1], width) if pte is not None else None,
     )
     return {"outcome": r.outcome, "gfn": r.gfn, "faults": r.faults}
 
@@ -207,6 +209,8 @@ _op(
     Arg("addr", "int"),
     Arg("access", "str", False, "read", ("read", "write", "exec")),
     Arg("pte", "pte", False, None),
+    # Model: bytes of the guest PTE store, from its first byte (1, 2, 4 or 8).
+    Arg("width", "int", False, 8),
 )
 _op(
     "kvm_vcpu_run",

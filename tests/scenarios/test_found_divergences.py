@@ -6,6 +6,8 @@ each test names the kernel function whose behaviour it pins.
 
 from __future__ import annotations
 
+import pytest
+
 from kvmsplit import mmu, x86
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, dirty_bitmap_gfns
 from kvmsplit.spte import PT_ACCESSED_MASK
@@ -120,3 +122,49 @@ def test_logging_slot_set_with_logging_counts_once() -> None:
     set_logging(kvm, 0, False)
     set_logging(kvm, 0, True)
     assert kvm.nr_memslots_dirty_logging == 1
+
+
+# Found by the conformance oracle against real KVM (kvmsplit conform, tests/realkvm).
+
+
+def test_partial_madv_dontneed_of_a_thp_zaps_the_whole_frame() -> None:
+    """zap_pmd_range() splits a THP the range covers in part; __split_huge_pmd() invalidates all 2M of it."""
+    from kvmsplit.guest import X86_GPT, guest_build_identity_map
+
+    kvm, checker = new_vm("shadow")
+    add_slot(kvm, 0, 0, 4 * MiB, "4k")
+    add_slot(kvm, 1, 16 * MiB, 4 * MiB, "thp")
+    tables = list(range(0x11, 0x11 + 8))
+    guest_build_identity_map(
+        kvm, X86_GPT, root_gfn=0x10, table_gfns=tables, gfn_start=16 * MiB >> 12, npages=1024, page_level=1
+    )
+    x86.kvm_set_cr3(kvm, 0, 0x10)
+    run(kvm, checker, 0, 16 * MiB, 18 * MiB, 4096)
+    pages, flushes = kvm.stat.pages_4k, kvm.stat.remote_tlb_flush_requests
+    x86.host_madv_dontneed(kvm, kvm.slot(1).userspace_addr + 0x10000, 0x10000)
+    checker.after_operation()
+    # First the 16 freed pages, then the other 496 when the PMD splits: two flushes.
+    assert kvm.stat.pages_4k == pages - 512
+    assert kvm.stat.remote_tlb_flush_requests == flushes + 2
+
+
+@pytest.mark.parametrize(("width", "pde_zapped"), [(1, 0), (2, 0), (4, 1), (8, 1)])
+def test_guest_pde_store_counts_mmu_pde_zapped_only_with_a_gpte_read(width: int, pde_zapped: int) -> None:
+    """mmu_pte_write_fetch_gpte(): only a 4- or 8-byte store reads a new gpte; gentry 0 is not counted."""
+    from kvmsplit.guest import X86_GPT, guest_build_identity_map
+
+    kvm, checker = new_vm("shadow")
+    add_slot(kvm, 0, 0, 8 * MiB, "4k")
+    guest_build_identity_map(
+        kvm, X86_GPT, root_gfn=0x10, table_gfns=[0x11, 0x12], gfn_start=0, npages=2048, page_level=2
+    )
+    x86.kvm_set_cr3(kvm, 0, 0x10)
+    run(kvm, checker, 0, 0, 4 * MiB, 2 * MiB)
+    old = kvm.guest_tables[0x12][1]
+    mmu.kvm_vcpu_access(kvm, 0, (0x12 << 12) + 8, write=True, data=(1, old & ~0xFF | 0x01, width))
+    checker.after_operation()
+    assert kvm.stat.mmu_pte_write == 1
+    assert kvm.stat.mmu_pde_zapped == pde_zapped
+    # A 2-byte store is misaligned for an 8-byte gpte: the whole page goes.
+    assert kvm.stat.mmu_flooded == (1 if width == 2 else 0)
+    assert kvm.guest_tables[0x12][1] & ((1 << (8 * width)) - 1) == (old & ~0xFF | 0x01) & ((1 << (8 * width)) - 1)
