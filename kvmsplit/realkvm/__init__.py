@@ -1,0 +1,1 @@
+"""A pure-Python KVM userspace and the conformance oracle that compares real KVM with the model."""
