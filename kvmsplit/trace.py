@@ -599,22 +599,31 @@ def dump_trace(cfg: TraceConfig, ops: list[dict[str, Any]]) -> str:
     return json.dumps({"format": TRACE_FORMAT, "version": TRACE_VERSION, "config": cfg.to_dict(), "ops": ops}, indent=1)
 
 
+def run_op(kvm: Kvm, spec: OpSpec, args: dict[str, Any]) -> Any:
+    """Run one validated operation, with the model's kernel patches in force (kvmsplit/mutation.py)."""
+    from kvmsplit.mutation import kernel_patches_for
+
+    with kernel_patches_for(kvm.model_split_policy):
+        return spec.run(kvm, **args)
+
+
 def run_trace(
     cfg: TraceConfig,
     ops: list[dict[str, Any]],
     check: bool = True,
     on_step: Callable[[StepRecord], None] | None = None,
+    invariants: list[str] | None = None,
 ) -> TraceResult:
     """Replay @ops on a fresh VM; stop at the first invariant violation or mirrored WARN."""
     from kvmsplit.checker import Checker
 
     validated = [validate_op(i, op) for i, op in enumerate(ops)]
     kvm = make_kvm(cfg)
-    checker = Checker(kvm) if check else None
+    checker = Checker(kvm, invariants) if check else None
     result = TraceResult(config=cfg, steps=[], kvm=kvm)
     for i, (spec, args) in enumerate(validated):
         try:
-            out = spec.run(kvm, **args)
+            out = run_op(kvm, spec, args)
             want = ops[i].get("expect")
             if want is not None and spec.name == "kvm_get_dirty_log" and out["gfns"] != want:
                 raise InvariantViolation(
