@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -38,6 +38,10 @@ from kvmsplit.spte import (
     KVM_MAX_HUGEPAGE_LEVEL,
     PG_LEVEL_1G,
     SPTE_ENT_PER_PAGE,
+    Spte,
+    _and,
+    _if,
+    _not,
     is_large_pte,
     is_last_spte,
     is_shadow_present_pte,
@@ -180,10 +184,8 @@ class MergedSplit:
         return False
 
     def shadow_mmu_try_split_huge_page(self, kvm: Kvm, slot: KvmMemorySlot, huge_sptep: Sptep) -> int:
-        from kvmsplit.kvm import KVM_MIN_FREE_MMU_PAGES
-
         env = split_env(kvm)
-        if kvm.kvm_mmu_available_pages() <= KVM_MIN_FREE_MMU_PAGES:
+        if self.split_lacks_free_mmu_pages(kvm.kvm_mmu_available_pages()):
             env.events["enospc"] += 1
             return ENOSPC
         if self.need_topup_split_caches_or_resched(kvm):
@@ -198,6 +200,16 @@ class MergedSplit:
             return EAGAIN
         self.shadow_mmu_split_huge_page(kvm, slot, huge_sptep)
         return 0
+
+    def split_lacks_free_mmu_pages(self, available_pages: Any) -> Any:
+        """Model: the -ENOSPC test of shadow_mmu_try_split_huge_page().
+
+        Kept apart as a pure comparison so the Z3 guard query
+        (properties/smt) runs this very code on a symbolic page count.
+        """
+        from kvmsplit.kvm import KVM_MIN_FREE_MMU_PAGES
+
+        return available_pages <= KVM_MIN_FREE_MMU_PAGES
 
     def need_topup_split_caches_or_resched(self, kvm: Kvm) -> bool:
         env = split_env(kvm)
@@ -242,13 +254,10 @@ class MergedSplit:
         flush = False
         for index in range(SPTE_ENT_PER_PAGE):
             spte = sp.spt[index]
+            child_spte, child_flush = self.shadow_mmu_split_child(kvm, huge_spte, sp, index, spte)
+            flush |= child_flush
             if is_shadow_present_pte(spte):
-                # Same gfn-to-pfn translation (the page is direct), but a
-                # lower table may be partly filled: installing it unmaps part
-                # of the huge page, and unmapping always needs a flush.
-                flush |= self.reused_child_needs_flush(spte, sp.role.level)
                 continue
-            child_spte = self.make_huge_page_split_spte(kvm, huge_spte, sp, index)
             sptep = Sptep(sp, index)
             shadow_mmu.mmu_spte_set(kvm, sptep, child_spte)
             shadow_mmu.rmap_add(kvm, slot, sptep, kvm_mmu_page_get_gfn(sp, index), sp.role.access, caches.desc)
@@ -260,14 +269,32 @@ class MergedSplit:
         env.events[f"shadow_split_{'1g' if level == PG_LEVEL_1G else '2m'}"] += 1
         self.link_split_page(kvm, huge_sptep, sp, flush)
 
-    def reused_child_needs_flush(self, child_spte: int, child_level: int) -> bool:
-        return not is_last_spte(child_spte, child_level)
+    def shadow_mmu_split_child(
+        self, kvm: Kvm, huge_spte: Spte, sp: KvmMmuPage, index: Spte, spte: Spte
+    ) -> tuple[Spte, Any]:
+        """Model: one pass of the loop in shadow_mmu_split_huge_page().
+
+        Return the value entry @index of @sp holds after the split, given that
+        it holds @spte before, and whether that entry makes the split flush.
+        Pure and branch-free on the SPTEs, so the Z3 split-loop queries
+        (properties/smt) run this very code over a symbolic table.
+        """
+        present = is_shadow_present_pte(spte)
+        # Same gfn-to-pfn translation (the page is direct), but a lower table
+        # may be partly filled: installing it unmaps part of the huge page,
+        # and unmapping always needs a flush.
+        flush = _and(present, self.reused_child_needs_flush(spte, sp.role.level))
+        child_spte = _if(present, spte, self.make_huge_page_split_spte(kvm, huge_spte, sp, index))
+        return child_spte, flush
+
+    def reused_child_needs_flush(self, child_spte: Spte, child_level: int) -> Any:
+        return _not(is_last_spte(child_spte, child_level))
 
     def link_split_page(self, kvm: Kvm, huge_sptep: Sptep, sp: KvmMmuPage, flush: bool) -> None:
         """_link_shadow_page(kvm, split_desc_cache, huge_sptep, sp, flush)."""
         shadow_mmu._link_shadow_page(kvm, huge_sptep, sp, flush, split_caches(kvm).desc)
 
-    def make_huge_page_split_spte(self, kvm: Kvm, huge_spte: int, sp: KvmMmuPage, index: int) -> int:
+    def make_huge_page_split_spte(self, kvm: Kvm, huge_spte: Spte, sp: KvmMmuPage, index: Spte) -> Spte:
         return make_huge_page_split_spte(
             kvm.masks, huge_spte, sp.role.level, sp.role.access, index, kvm.is_nx_huge_page_enabled()
         )
