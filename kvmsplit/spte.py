@@ -452,20 +452,21 @@ def make_nonleaf_spte(m: SpteMasks, child_pfn: Spte, ad_disabled: bool) -> Spte:
     return spte
 
 
-def generation_mmio_spte_mask(gen: int) -> int:
-    kvm_bug_on(gen & ~MMIO_SPTE_GEN_MASK != 0, "generation_mmio_spte_mask", lambda: f"gen {gen:#x}")
+def generation_mmio_spte_mask(gen: Spte) -> Spte:
+    if _is_int(gen):
+        kvm_bug_on(gen & ~MMIO_SPTE_GEN_MASK != 0, "generation_mmio_spte_mask", lambda: f"gen {gen:#x}")
     mask = (gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK
     mask |= (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK
     return mask
 
 
-def get_mmio_spte_generation(spte: int) -> int:
-    gen = (spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_SHIFT
-    gen |= (spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT
+def get_mmio_spte_generation(spte: Spte) -> Spte:
+    gen = _lshr(spte & MMIO_SPTE_GEN_LOW_MASK, MMIO_SPTE_GEN_LOW_SHIFT)
+    gen |= _lshr(spte & MMIO_SPTE_GEN_HIGH_MASK, MMIO_SPTE_GEN_HIGH_SHIFT)
     return gen
 
 
-def make_mmio_spte(m: SpteMasks, generation: int, gfn: int, access: int) -> int:
+def make_mmio_spte(m: SpteMasks, generation: Spte, gfn: Spte, access: int) -> Spte:
     """Cache an MMIO gfn in a non-present SPTE (spte.c make_mmio_spte()).
 
     Model: no L1TF relocation of high gpa bits (shadow_nonpresent_or_rsvd_mask
@@ -479,8 +480,8 @@ def make_mmio_spte(m: SpteMasks, generation: int, gfn: int, access: int) -> int:
     return spte
 
 
-def get_mmio_spte_gfn(spte: int) -> int:
-    return (spte & SPTE_BASE_ADDR_MASK & ~(1 << 51)) >> PAGE_SHIFT
+def get_mmio_spte_gfn(spte: Spte) -> Spte:
+    return _lshr(spte & SPTE_BASE_ADDR_MASK & ~(1 << 51), PAGE_SHIFT)
 
 
 def make_huge_page_split_spte(
@@ -585,9 +586,13 @@ def make_spte(
         spte |= m.shadow_host_writable_mask
     else:
         pte_access &= ~ACC_WRITE_MASK
-    kvm_bug_on(
-        not 0 <= pfn < MODEL_MAX_PFN, "make_spte", lambda: f"pfn {pfn:#x} is outside the host's physical address space"
-    )
+    # A symbolic @pfn (the Z3 queries) carries this range as an assumption.
+    if _is_int(pfn):
+        kvm_bug_on(
+            not 0 <= pfn < MODEL_MAX_PFN,
+            "make_spte",
+            lambda: f"pfn {pfn:#x} is outside the host's physical address space",
+        )
     spte |= pfn << PAGE_SHIFT
     skip_dirty = False
     if pte_access & ACC_WRITE_MASK:
@@ -603,7 +608,9 @@ def make_spte(
         spte |= spte_shadow_dirty_mask(m, spte)
     if prefetch:
         spte = mark_spte_for_access_track(m, spte)
-    if (spte & PT_WRITABLE_MASK) and kvm_slot_dirty_track_enabled(slot):
+    # The slot test comes first so a symbolic SPTE with no slot is never
+    # tested for truth.
+    if kvm_slot_dirty_track_enabled(slot) and is_writable_pte(spte):
         # kvm_mmu_hugepage_adjust() keeps dirty-logged slots at 4K.
         kvm_bug_on(level > PG_LEVEL_4K, "make_spte", lambda: f"writable level-{level} SPTE in dirty-logged {slot!r}")
         mark_page_dirty_in_slot(slot, gfn)
