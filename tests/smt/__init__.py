@@ -1,0 +1,1 @@
+"""Tests of the Z3 queries in properties/smt."""
