@@ -3,7 +3,8 @@
 "state" invariants run after every operation, "return" invariants when an
 ioctl returns to userspace (also after every operation), and "unlock"
 invariants at every point where KVM drops mmu_lock, through the
-`Kvm.unlock_hooks` the model calls there.
+`Kvm.unlock_hooks` the model calls there, and "split" invariants after
+every huge page a split replaces, as an observer of the split environment.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Checker:
     names: list[str] | None = None
     unlock_checks: int = 0
     step_checks: int = 0
+    split_checks: int = 0
 
     def __attrs_post_init__(self) -> None:
         invs = _invariants()
@@ -40,6 +42,8 @@ class Checker:
 
                 raise HarnessError(f"unknown invariant(s) {unknown}; known: {sorted(invs)}")
         self.kvm.unlock_hooks.append(self._at_unlock)
+        if any(True for _ in self.selected("split")):
+            self.kvm.model_split_env.observers.append(self._at_split)
 
     def selected(self, kind: str) -> Iterable:  # type: ignore[type-arg]
         for inv in _invariants().values():
@@ -54,6 +58,11 @@ class Checker:
             for inv in self.selected("unlock"):
                 inv(kvm)
 
+    def _at_split(self, kvm: Kvm, record: object) -> None:
+        self.split_checks += 1
+        for inv in self.selected("split"):
+            inv(kvm, record)
+
     def after_operation(self) -> None:
         from kvmsplit.properties.invariants import check_round
 
@@ -66,3 +75,5 @@ class Checker:
     def detach(self) -> None:
         if self._at_unlock in self.kvm.unlock_hooks:
             self.kvm.unlock_hooks.remove(self._at_unlock)
+        if self._at_split in self.kvm.model_split_env.observers:
+            self.kvm.model_split_env.observers.remove(self._at_split)

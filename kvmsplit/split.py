@@ -46,6 +46,7 @@ from kvmsplit.spte import (
     is_last_spte,
     is_shadow_present_pte,
     make_huge_page_split_spte,
+    spte_to_pfn,
 )
 
 if TYPE_CHECKING:
@@ -75,10 +76,80 @@ class SplitEnv:
     events: Counter[str] = attrs.field(factory=Counter)
     # Model: the fewest available shadow pages any split left behind.
     min_available_after_split: int | None = None
+    # Model: called with a SplitRecord after every huge page a split
+    # replaced (the transition invariants of properties/ watch here).
+    observers: list[Callable[[Kvm, SplitRecord], None]] = attrs.field(factory=list)
 
     @staticmethod
     def _pop(q: list[bool]) -> bool:
         return q.pop(0) if q else False
+
+
+@attrs.define(eq=False)
+class SplitRecord:
+    """Model: one huge SPTE as a split found it, and what replaced it.
+
+    Taken before the split only while someone observes splits, so plain runs
+    pay nothing for it.
+    """
+
+    mmu: str  # "shadow" or "tdp"
+    huge_sptep: Sptep
+    huge_spte: int
+    level: int
+    gfn: int
+    flush_requests: int
+    cache_misses: int
+    # pages_4k, pages_2m, pages_1g before the split.
+    stats: tuple[int, ...] = ()
+    # Entries of the page a shadow split will reuse that are not present yet
+    # (SPTE_ENT_PER_PAGE when there is no page to reuse).
+    nonpresent_before: int = SPTE_ENT_PER_PAGE
+    # Unsync pages at the split page's gfn, with their present leaves.
+    unsync_at_gfn: list[tuple[KvmMmuPage, int]] = attrs.field(factory=list)
+    child: KvmMmuPage | None = None
+    flushed: bool = False
+    reused: bool = False
+
+
+def observe_split(kvm: Kvm, mmu: str, huge_sptep: Sptep, gfn: int) -> SplitRecord | None:
+    if not kvm.model_split_env.observers:
+        return None
+    rec = SplitRecord(
+        mmu=mmu,
+        huge_sptep=huge_sptep,
+        huge_spte=huge_sptep.spte,
+        level=huge_sptep.sp.role.level,
+        gfn=gfn,
+        flush_requests=kvm.stat.remote_tlb_flush_requests,
+        cache_misses=kvm.stat.mmu_cache_miss,
+        stats=tuple(kvm.stat.pages),
+    )
+    if mmu == "shadow":
+        # The page kvm_mmu_get_shadow_page() will find, if any, as the
+        # faithful shadow_mmu_get_sp_for_split() derives its role.
+        sp, index = huge_sptep.sp, huge_sptep.index
+        role = kvm_mmu_child_role(sp, index, True, kvm_mmu_page_get_access(sp, index))
+        for old in shadow_mmu.for_each_valid_sp(kvm, gfn):
+            if old.gfn != gfn:
+                continue
+            if old.role.word == role.word:
+                rec.nonpresent_before = sum(1 for v in old.spt if not is_shadow_present_pte(v))
+            elif old.unsync:
+                # kvm_mmu_find_shadow_page() may zap it; if so its leaves leave the stats.
+                rec.unsync_at_gfn.append((old, sum(1 for v in old.spt if is_shadow_present_pte(v))))
+    return rec
+
+
+def split_observed(kvm: Kvm, rec: SplitRecord | None) -> None:
+    """Hand a finished split to the observers: the huge SPTE now links rec.child."""
+    if rec is None:
+        return
+    rec.child = kvm.sp_by_pfn.get(spte_to_pfn(rec.huge_sptep.spte))
+    rec.flushed = kvm.stat.remote_tlb_flush_requests > rec.flush_requests
+    rec.reused = rec.mmu == "shadow" and kvm.stat.mmu_cache_miss == rec.cache_misses
+    for observer in kvm.model_split_env.observers:
+        observer(kvm, rec)
 
 
 @attrs.define(eq=False)
@@ -198,7 +269,9 @@ class MergedSplit:
                 return r
             env.events["eagain"] += 1
             return EAGAIN
+        rec = observe_split(kvm, "shadow", huge_sptep, kvm_mmu_page_get_gfn(huge_sptep.sp, huge_sptep.index))
         self.shadow_mmu_split_huge_page(kvm, slot, huge_sptep)
+        split_observed(kvm, rec)
         return 0
 
     def split_lacks_free_mmu_pages(self, available_pages: Any) -> Any:
@@ -334,11 +407,15 @@ class MergedSplit:
                         return ENOMEM
                 tdp_mmu.tdp_mmu_init_child_sp(sp, it)
                 level = it.level
+                rec = observe_split(kvm, "tdp", it.sptep, it.gfn)
+                if rec is not None:
+                    rec.huge_spte = it.old_spte
                 if tdp_mmu.tdp_mmu_split_huge_page(kvm, it, sp, shared):
                     # Lost the race: it.old_spte holds the new value; retry from it.
                     env.events["tdp_race_lost"] += 1
                     continue
                 env.events[f"tdp_split_{'1g' if level == PG_LEVEL_1G else '2m'}"] += 1
+                split_observed(kvm, rec)
                 sp = None
                 break
         return ret

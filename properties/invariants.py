@@ -32,6 +32,7 @@ from kvmsplit.spte import (
     PG_LEVEL_4K,
     PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
+    SPTE_ENT_PER_PAGE,
     is_executable_pte,
     is_last_spte,
     is_mmio_spte,
@@ -665,3 +666,105 @@ def flush_debt_paid_at_return(kvm: Kvm) -> None:
     if debt:
         n = kvm.tlb_flush_debt_count + kvm.tlb_flush_debt_deferred_count
         fail("flush_debt_paid_at_return", f"{n} unflushed changes, first by {debt[0]}()")
+
+
+# --- transitions ----------------------------------------------------------------------
+
+
+def _permissions(kvm: Kvm, spte: int) -> tuple[bool, bool, bool]:
+    m = kvm.masks
+    return bool(spte & PT_WRITABLE_MASK), bool(spte & m.shadow_user_mask), bool(is_executable_pte(m, spte))
+
+
+def _leaves_below(kvm: Kvm, sp: KvmMmuPage) -> Iterator[tuple[KvmMmuPage, int, int]]:
+    """(table, index, spte) of every present leaf in the tables below @sp, @sp included."""
+    for i, spte in sptes(sp):
+        if not is_shadow_present_pte(spte):
+            continue
+        if is_last_spte(spte, sp.role.level):
+            yield sp, i, spte
+            continue
+        child = kvm.sp_by_pfn.get(spte_to_pfn(spte))
+        if child is not None:
+            yield from _leaves_below(kvm, child)
+
+
+@invariant(
+    kernel="shadow_mmu_split_huge_page(), tdp_mmu_split_huge_page(), make_huge_page_split_spte()",
+    mutant="mutants/split_pfn_offset_wrong_level",
+    kind="split",
+)
+def split_keeps_gfn_to_pfn_mapping(kvm: Kvm, rec) -> None:  # type: ignore[no-untyped-def]
+    """A split maps every gfn of the huge page to the same pfn with the same permissions (4K exec under NX, a flushed partial unmap excepted)."""
+    name = "split_keeps_gfn_to_pfn_mapping"
+    child = rec.child
+    if child is None or child.role.level != rec.level - 1:
+        fail(name, f"split of {rec.huge_sptep!r} left {child!r} linked, not a level-{rec.level - 1} table")
+        return
+    huge_pfn = spte_to_pfn(rec.huge_spte)
+    span = KVM_PAGES_PER_HPAGE(child.role.level)
+    huge_perms = _permissions(kvm, rec.huge_spte)
+    # make_huge_page_split_spte(): a 4K child may execute again, since the
+    # NX huge page mitigation no longer applies to it.
+    exec_at_4k = child.role.level == PG_LEVEL_4K and kvm.is_nx_huge_page_enabled() and child.role.access & 4
+    for i in range(SPTE_ENT_PER_PAGE):
+        spte = child.spt[i]
+        gfn = rec.gfn + i * span
+        if child.role.direct and kvm_mmu_page_get_gfn(child, i) != gfn:
+            fail(name, f"{child!r}[{i}] maps gfn {kvm_mmu_page_get_gfn(child, i):#x}, the huge page had {gfn:#x} there")
+        if not is_shadow_present_pte(spte):
+            if not rec.flushed:
+                fail(name, f"split of gfn {rec.gfn:#x} left gfn {gfn:#x} unmapped without a TLB flush")
+            continue
+        if not is_last_spte(spte, child.role.level):
+            # A reused page's entry points at a table that may be partly
+            # filled: the split unmaps what it lacks and must flush.
+            if not rec.flushed:
+                fail(name, f"split reused {child!r} whose entry {i} is a non-leaf, without a TLB flush")
+            for sp, j, leaf in _leaves_below(kvm, kvm.sp_by_pfn[spte_to_pfn(spte)]):
+                g = kvm_mmu_page_get_gfn(sp, j)
+                if spte_to_pfn(leaf) != huge_pfn + (g - rec.gfn):
+                    fail(name, f"{sp!r}[{j}] under reused entry {i} maps gfn {g:#x} to pfn {spte_to_pfn(leaf):#x}")
+            continue
+        want_pfn = huge_pfn + i * span
+        if spte_to_pfn(spte) != want_pfn:
+            fail(
+                name,
+                f"{child!r}[{i}] maps gfn {gfn:#x} to pfn {spte_to_pfn(spte):#x}; the huge page mapped it to {want_pfn:#x}",
+            )
+        if rec.reused:
+            # Entries already present keep their own permissions (another
+            # alias of the same translation installed them).
+            continue
+        perms = _permissions(kvm, spte)
+        if perms != huge_perms and not (exec_at_4k and perms[:2] == huge_perms[:2] and perms[2]):
+            fail(
+                name,
+                f"{child!r}[{i}] has (W, U, X) = {perms}; the huge page had {huge_perms}",
+            )
+
+
+@invariant(
+    kernel="kvm_update_page_stats() in shadow_mmu_split_huge_page() and tdp_mmu_split_huge_page()",
+    mutant="mutants/split_stats_reused_as_fresh",
+    kind="split",
+)
+def split_moves_page_stats_to_its_children(kvm: Kvm, rec) -> None:  # type: ignore[no-untyped-def]
+    """A split takes its huge leaf off the page stats and adds one leaf per entry it filled below (512, or the empty entries of a reused page).
+
+    The lookup of the split page may zap unsync 4K pages at its gfn; their
+    leaves leave the 4K stat in the same step.
+    """
+    k = rec.nonpresent_before if rec.reused else SPTE_ENT_PER_PAGE
+    want = list(rec.stats)
+    want[rec.level - 1] -= 1
+    want[rec.level - 2] += k
+    # kvm_mmu_find_shadow_page() zaps unsync 4K pages at the split page's gfn.
+    want[0] -= sum(n for sp, n in rec.unsync_at_gfn if sp.role.invalid or sp not in kvm.active_mmu_pages)
+    if list(kvm.stat.pages) != want:
+        fail(
+            "split_moves_page_stats_to_its_children",
+            f"split of a level-{rec.level} leaf at gfn {rec.gfn:#x} took pages {list(rec.stats)} to "
+            f"{list(kvm.stat.pages)}; {want} expected ({k} entries filled"
+            + (", reused page)" if rec.reused else ")"),
+        )

@@ -15,7 +15,9 @@ Example::
 Kinds: "state" invariants take the `Kvm` and hold after every operation;
 "unlock" invariants hold at every point where KVM drops mmu_lock
 (`Kvm.mmu_unlock()`); "return" invariants hold when an ioctl returns to
-userspace.
+userspace; "split" invariants are transition invariants, taking the `Kvm`
+and a `kvmsplit.split.SplitRecord` (the huge SPTE before, the table that
+replaced it after) for every huge page a split replaces.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Invariant:
 
 INVARIANTS: dict[str, Invariant] = {}
 
-KINDS = ("state", "unlock", "return")
+KINDS = ("state", "unlock", "return", "split")
 
 
 def invariant(

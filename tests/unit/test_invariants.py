@@ -8,6 +8,7 @@ exactly that invariant fails, under its own name.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import pytest
@@ -53,6 +54,8 @@ REQUIRED = (
     "tlb_translations_allowed_at_unlock",
     "flush_debt_paid_at_unlock",
     "flush_debt_paid_at_return",
+    "split_keeps_gfn_to_pfn_mapping",
+    "split_moves_page_stats_to_its_children",
 )
 
 
@@ -60,6 +63,8 @@ def failing(kvm: Kvm) -> dict[str, str]:
     """Every registered invariant that fails on @kvm, mapped to the name its violation carries."""
     out = {}
     for name, inv in INVARIANTS.items():
+        if inv.kind == "split":
+            continue  # transition invariants take a SplitRecord; see below
         try:
             inv(kvm)
         except InvariantViolation as e:
@@ -447,3 +452,95 @@ def test_dirty_log_invariant_catches_a_write_through_a_stale_tlb_entry() -> None
     with pytest.raises(_Violation) as excinfo:
         dirty_log_records_every_write(kvm)
     assert excinfo.value.name == "dirty_log_records_every_write"
+
+
+# --- Transition invariants. ---------------------------------------------------------------
+
+
+def eager_split(mmu_kind: str, at_split: Callable[[Kvm, Any], None] | None = None) -> tuple[Any, list[Any]]:
+    """Eager-split 4 MiB of 2M pages (nested, for the shadow MMU); return the checker and the records.
+
+    @at_split runs at each split of @mmu_kind, after the checker's own
+    transition checks, while the record still describes the MMU.
+    """
+    from kvmsplit.guest import EPT_GPT, guest_build_identity_map
+
+    kvm, checker = new_vm("tdp")
+    add_slot(kvm, 0, 0, 4 * MiB, "thp")
+    add_slot(kvm, 1, 64 * MiB, 4 * MiB, "4k")
+    records: list[Any] = []
+
+    def observe(k: Kvm, rec: Any) -> None:
+        if rec.mmu == mmu_kind:
+            records.append(rec)
+            if at_split is not None:
+                at_split(k, rec)
+
+    kvm.model_split_env.observers.append(observe)
+    if mmu_kind == "shadow":
+        root = 64 * MiB >> 12
+        tables = [root + 1 + i for i in range(4)]
+        guest_build_identity_map(kvm, EPT_GPT, root_gfn=root, table_gfns=tables, gfn_start=0, npages=1024, page_level=2)
+        x86.nested_vmx_enter(kvm, 0, root)
+    for addr in (0, 2 * MiB):
+        mmu.kvm_vcpu_access(kvm, 0, addr)
+    set_logging(kvm, 0, True)
+    checker.after_operation()
+    return checker, records
+
+
+@pytest.mark.parametrize("mmu_kind", ["tdp", "shadow"])
+def test_split_transition_invariants_run_on_every_split_and_hold(mmu_kind: str) -> None:
+    checker, records = eager_split(mmu_kind)
+    assert len(records) == 2 and all(r.child is not None and not r.reused for r in records)
+    assert checker.split_checks >= 2
+
+
+def violation(name: str, kvm: Kvm, rec: Any) -> str:
+    with pytest.raises(InvariantViolation) as excinfo:
+        INVARIANTS[name](kvm, rec)
+    assert excinfo.value.name == name
+    return excinfo.value.message
+
+
+@pytest.mark.parametrize("mmu_kind", ["tdp", "shadow"])
+def test_gfn_to_pfn_transition_catches_a_child_mapping_another_pfn(mmu_kind: str) -> None:
+    seen: list[str] = []
+
+    def corrupt(kvm: Kvm, rec: Any) -> None:
+        rec.child.spt[5] += 1 << 12
+        seen.append(violation("split_keeps_gfn_to_pfn_mapping", kvm, rec))
+        rec.child.spt[5] -= 1 << 12
+
+    eager_split(mmu_kind, corrupt)
+    assert len(seen) == 2 and all("[5] maps gfn" in m for m in seen)
+
+
+def test_gfn_to_pfn_transition_allows_exec_only_at_4k_under_nx() -> None:
+    outcomes: list[str] = []
+
+    def check(kvm: Kvm, rec: Any) -> None:
+        m = kvm.masks
+        huge = rec.huge_spte
+        rec.huge_spte = (huge & ~m.shadow_x_mask) | m.shadow_nx_mask
+        outcomes.append(violation("split_keeps_gfn_to_pfn_mapping", kvm, rec))
+        # Under the NX huge page mitigation an executable 4K child is the documented change.
+        kvm.nx_huge_pages = True
+        INVARIANTS["split_keeps_gfn_to_pfn_mapping"](kvm, rec)
+        kvm.nx_huge_pages = False
+        rec.huge_spte = huge
+
+    eager_split("tdp", check)
+    assert len(outcomes) == 2 and all("(W, U, X)" in m for m in outcomes)
+
+
+def test_stats_transition_catches_a_split_counted_twice() -> None:
+    seen: list[str] = []
+
+    def recount(kvm: Kvm, rec: Any) -> None:
+        kvm.stat.pages[0] += 1
+        seen.append(violation("split_moves_page_stats_to_its_children", kvm, rec))
+        kvm.stat.pages[0] -= 1
+
+    eager_split("tdp", recount)
+    assert len(seen) == 2
