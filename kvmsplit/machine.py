@@ -31,7 +31,7 @@ from kvmsplit.guest import EPT_GPT, X86_GPT
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmsplit.scenarios import HVA_BASE as HVA
 from kvmsplit.scenarios import PT_GFN, PT_GPA, PT_SLOT, GiB, MiB, identity_map_op
-from kvmsplit.trace import TraceConfig, make_kvm, validate_op
+from kvmsplit.trace import TraceConfig, make_kvm, run_op, validate_op
 
 GUEST_SPAN = 24 * MiB  # what the guest's identity map covers below 4 GiB
 BIG_GPA = GiB
@@ -59,6 +59,11 @@ class KvmMachine(RuleBasedStateMachine):
 
     mmu_kind = "tdp"
     model = "merged"
+    # None checks every invariant; a list checks only those (a quality test
+    # shows one invariant alone catches its mutant).
+    checked_invariants: tuple[str, ...] | None = None
+    # Set by a coverage run to start every test case from one focus.
+    forced_focus: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,6 +74,7 @@ class KvmMachine(RuleBasedStateMachine):
         self.table_level: dict[int, int] = {}
         self.next_table = PT_GFN + 64
         self.seen_events: dict[str, int] = {}
+        self.focus = "none"
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -77,7 +83,7 @@ class KvmMachine(RuleBasedStateMachine):
         spec, args = validate_op(len(self.ops), op)
         self.ops.append(op)
         try:
-            out = spec.run(self.kvm, **args)
+            out = run_op(self.kvm, spec, args)
         except HarnessError:
             # An operation KVM would reject (-EINVAL, -EEXIST...): no state change.
             self.ops.pop()
@@ -121,11 +127,33 @@ class KvmMachine(RuleBasedStateMachine):
             st.sampled_from(["none", "accessed", "zap"]),
             st.sampled_from([0, 4, 5, 6, 7]),
         ),
+        focus=st.sampled_from(["none", "clear", "race", "unsync", "alias"]),
     )
-    def setup(self, initially_set: bool, no_eager: bool, nx: bool, plan: tuple[int, int, int, str, int]) -> None:
+    def setup(
+        self,
+        initially_set: bool,
+        no_eager: bool,
+        nx: bool,
+        plan: tuple[int, int, int, str, int],
+        focus: str = "none",
+    ) -> None:
         # Hypothesis already runs a random subset of rules per test case
         # (swarm testing through its feature flags).  Drawing "eager off"
         # keeps the simplest draw, which it favours, the richest run.
+        # A focus steers a run toward rare branches by its starting state:
+        # "clear" harvests with KVM_CLEAR_DIRTY_LOG, eager splitting on for
+        # good, so clears split 2M and 1G pages; "unsync" starts with an unsync 4K
+        # guest table (KVM shadowed it, then the guest wrote one of its PTEs);
+        # "alias" maps one L1 2M page at two L2 addresses, both huge, so a
+        # split reuses the page the other alias's split made;
+        # "race" arms a racing thread for the compare-and-exchange of the
+        # first TDP MMU split under the read lock (logging start, eager on).
+        focus = self.forced_focus or focus
+        self.focus = focus
+        if focus == "clear":
+            initially_set, no_eager = True, False
+        elif focus == "race":
+            initially_set, no_eager = False, False
         eager = not no_eager
         self.initially_set = initially_set
         cfg = self.config()
@@ -134,7 +162,7 @@ class KvmMachine(RuleBasedStateMachine):
         self.kvm = make_kvm(cfg)
         from kvmsplit.checker import Checker
 
-        self.checker = Checker(self.kvm)
+        self.checker = Checker(self.kvm, list(self.checked_invariants) if self.checked_invariants is not None else None)
         self.ops = []
         if initially_set:
             self.apply({"op": "kvm_enable_cap_manual_dirty_log_protect", "flags": 3})
@@ -177,6 +205,8 @@ class KvmMachine(RuleBasedStateMachine):
         # The split paths' nondeterminism for the first splits of the run;
         # rules queue more later.  All of it shrinks away to "none".
         need_resched, topup_fails, tdp_alloc_fails, race, headroom = plan
+        if focus == "race" and race == "none":
+            race = "zap"
         if need_resched or topup_fails or tdp_alloc_fails:
             self.apply(
                 {
@@ -190,6 +220,26 @@ class KvmMachine(RuleBasedStateMachine):
             self.apply({"op": "model_tdp_race", "kind": race})
         if headroom:
             self.apply({"op": "kvm_mmu_change_mmu_pages", "headroom": headroom})
+        if focus == "clear":
+            # L1 maps the 1G slot with one TDP MMU 1G page, for clears to split.
+            self.apply({"op": "kvm_vcpu_access", "vcpu": 0, "addr": BIG_GPA, "access": "read"})
+        # The vCPU whose guest tables KVM shadows: L1's under shadow paging,
+        # L2's (L1's EPT tables) on vCPU 1 when nested.
+        shadowed = 1 if self.nested else 0
+        if focus == "unsync":
+            self.guest_write_pde(shadowed, 3, 3, 7, "table")
+            self._enter_l2(shadowed)
+            self.kvm_vcpu_run(shadowed, 3, "read")
+            self.guest_write_pte(shadowed, 0, 7)
+        if focus == "alias" and self.nested:
+            # L2's 2M page at 8 MiB aliases L1's frame 0, and both are mapped huge.
+            self.guest_write_pde(shadowed, 4, 0, 7, "huge")
+            self._enter_l2(shadowed)
+            self.kvm_vcpu_run(shadowed, 4, "read")
+        if initially_set:
+            # The initially-set use: logging is on from the start and
+            # userspace harvests with KVM_CLEAR_DIRTY_LOG, which splits.
+            self.kvm_mmu_slot_apply_flags()
 
     def _index_tables(self, gfn: int, level: int) -> None:
         fmt = EPT_GPT if self.guest_format == "ept" else X86_GPT
@@ -311,6 +361,10 @@ class KvmMachine(RuleBasedStateMachine):
 
     # --- guest page tables ---------------------------------------------------------------
 
+    def _enter_l2(self, vcpu: int) -> None:
+        if self.nested and not self.kvm.vcpus[vcpu].guest_mode:
+            self.apply({"op": "nested_vmx_enter", "vcpu": vcpu, "eptp_gfn": PT_GFN})
+
     def _edit_pte(self, vcpu: int, table: int, index: int, value: int) -> None:
         v = self.kvm.vcpus[vcpu]
         if v.guest_mode:
@@ -379,10 +433,7 @@ class KvmMachine(RuleBasedStateMachine):
     @rule(vcpu=st.integers(0, 1))
     def kvm_guest_tlb_flush(self, vcpu: int) -> None:
         """The guest flushes its TLB: CR3 reload (shadow paging) or INVEPT (L2)."""
-        before = self.kvm.stat.mmu_unsync
         self.apply({"op": "kvm_guest_tlb_flush", "vcpu": vcpu})
-        if self.kvm.stat.mmu_unsync < before:
-            self.kvm.model_split_env.events["unsync_resynced"] += 1
 
     # --- dirty log ioctls ---------------------------------------------------------------
 
@@ -427,6 +478,7 @@ class KvmMachine(RuleBasedStateMachine):
     def kvm_mmu_change_mmu_pages(self, headroom: int) -> None:
         self.apply({"op": "kvm_mmu_change_mmu_pages", "headroom": headroom})
 
+    @precondition(lambda self: self.focus not in ("clear", "race"))
     @rule(which=st.sampled_from(["eager_page_split", "nx_huge_pages"]), value=st.booleans())
     def set_module_param(self, which: str, value: bool) -> None:
         self.apply({"op": f"set_{which}", "value": value})
@@ -460,13 +512,14 @@ class KvmMachine(RuleBasedStateMachine):
             self.checker.detach()
 
 
-_MACHINES: dict[tuple[str, str], type[KvmMachine]] = {}
+_MACHINES: dict[tuple[str, str, tuple[str, ...] | None], type[KvmMachine]] = {}
 
 
-def machine_for(mmu_kind: str, model: str) -> type[KvmMachine]:
-    """The state machine class for one MMU configuration and one model."""
-    key = (mmu_kind, model)
+def machine_for(mmu_kind: str, model: str, invariants: tuple[str, ...] | None = None) -> type[KvmMachine]:
+    """The state machine class for one MMU configuration and one model (checking only @invariants if given)."""
+    key = (mmu_kind, model, invariants)
     if key not in _MACHINES:
         name = f"KvmMachine_{mmu_kind.replace('-', '_')}_{model.replace('/', '_').replace('.', '_')}"
-        _MACHINES[key] = type(name, (KvmMachine,), {"mmu_kind": mmu_kind, "model": model})
+        attrs = {"mmu_kind": mmu_kind, "model": model, "checked_invariants": invariants}
+        _MACHINES[key] = type(name, (KvmMachine,), attrs)
     return _MACHINES[key]

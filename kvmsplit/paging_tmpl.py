@@ -283,6 +283,8 @@ def mmu_sync_children(kvm: Kvm, vcpu: KvmVcpu, parent: KvmMmuPage, can_yield: bo
                 shadow_mmu.mmu_pages_clear_parents(path)
                 continue
             shadow_mmu.kvm_unlink_unsync_page(kvm, sp)
+            # Model: count resyncs, so state machine runs show they reach one.
+            kvm.model_split_env.events["unsync_resynced"] += 1
             flush |= kvm_sync_page(kvm, vcpu, sp, invalid_list) > 0
             shadow_mmu.mmu_pages_clear_parents(path)
     shadow_mmu.kvm_mmu_remote_flush_or_zap(kvm, invalid_list, flush)
