@@ -107,7 +107,7 @@ def leaf_gfn_range(sp: KvmMmuPage, index: int) -> tuple[int, int]:
 # --- SPTE level ------------------------------------------------------------------
 
 
-@invariant(kernel="check_spte_writable_invariants()", mutant=None)
+@invariant(kernel="check_spte_writable_invariants()", mutant="mutants/split_child_drops_host_writable")
 def leaf_spte_writable_triad(kvm: Kvm) -> None:
     """Every present leaf: W implies MMU-writable, and MMU-writable implies Host-writable."""
     for sp, i, spte in present_leaves(kvm):
@@ -115,7 +115,7 @@ def leaf_spte_writable_triad(kvm: Kvm) -> None:
             fail("leaf_spte_writable_triad", f"{sp!r}[{i}] = {spte:#x} breaks W => MMU-writable => Host-writable")
 
 
-@invariant(kernel="make_nonleaf_spte(), kvm_mmu_child_role()", mutant=None)
+@invariant(kernel="make_nonleaf_spte(), kvm_mmu_child_role()", mutant="mutants/split_link_not_executable")
 def nonleaf_spte_points_at_child_table(kvm: Kvm) -> None:
     """A present non-leaf SPTE is never PS, grants all access, and points at a live table one level down."""
     m = kvm.masks
@@ -136,7 +136,7 @@ def nonleaf_spte_points_at_child_table(kvm: Kvm) -> None:
                 fail("nonleaf_spte_points_at_child_table", f"{sp!r}[{i}] points at level {child.role.level} {child!r}")
 
 
-@invariant(kernel="is_shadow_present_pte(), make_mmio_spte(), REMOVED_SPTE", mutant=None)
+@invariant(kernel="is_shadow_present_pte(), make_mmio_spte(), REMOVED_SPTE", mutant="mutants/tdp_zap_leaves_frozen")
 def only_present_leaves_or_mmio_in_tables(kvm: Kvm) -> None:
     """Between operations no SPTE is frozen, and a non-present SPTE is zero or an MMIO SPTE."""
     m = kvm.masks
@@ -166,7 +166,7 @@ def nx_huge_page_not_executable(kvm: Kvm) -> None:
             fail("nx_huge_page_not_executable", f"huge leaf {sp!r}[{i}] is executable: {spte:#x}")
 
 
-@invariant(kernel="make_spte(), kvm_mmu_slot_apply_flags()", mutant=None)
+@invariant(kernel="make_spte(), kvm_mmu_slot_apply_flags()", mutant="mutants/wrprot_skips_unsplit_huge")
 def dirty_logged_slot_has_no_writable_huge_leaf(kvm: Kvm) -> None:
     """No writable leaf above 4K maps a gfn of a dirty-logged slot (initially-set mode excepted)."""
     if kvm.kvm_dirty_log_manual_protect_and_init_set():
@@ -183,7 +183,10 @@ def dirty_logged_slot_has_no_writable_huge_leaf(kvm: Kvm) -> None:
                 )
 
 
-@invariant(kernel="kvm_mmu_slot_apply_flags(), kvm_get_dirty_log_protect(), mark_page_dirty_in_slot()", mutant=None)
+@invariant(
+    kernel="kvm_mmu_slot_apply_flags(), kvm_get_dirty_log_protect(), mark_page_dirty_in_slot()",
+    mutant="mutants/fast_pf_no_mark_dirty",
+)
 def dirty_log_records_every_write(kvm: Kvm) -> None:
     """Every gfn the guest wrote after logging started is set in the dirty bitmap until userspace harvests it."""
     for slot in kvm.memslots.values():
@@ -228,7 +231,7 @@ def leaf_maps_the_host_pfn_of_its_gfn(kvm: Kvm) -> None:
 # --- shadow page structure -----------------------------------------------------------
 
 
-@invariant(kernel="kvm_mmu_find_shadow_page(), kvm_mmu_alloc_shadow_page()", mutant=None)
+@invariant(kernel="kvm_mmu_find_shadow_page(), kvm_mmu_alloc_shadow_page()", mutant="mutants/split_always_allocates")
 def shadow_page_hash_unique(kvm: Kvm) -> None:
     """At most one valid shadow page per (gfn, role), each in bucket hash_64(gfn, 12)."""
     seen: dict[tuple[int, int], KvmMmuPage] = {}
@@ -247,7 +250,7 @@ def shadow_page_hash_unique(kvm: Kvm) -> None:
             fail("shadow_page_hash_unique", f"active {sp!r} is not hashed")
 
 
-@invariant(kernel="kvm_mmu_page_get_gfn(), kvm_mmu_page_set_translation()", mutant=None)
+@invariant(kernel="kvm_mmu_page_get_gfn(), tdp_mmu_init_child_sp()", mutant="mutants/tdp_split_child_gfn_unaligned")
 def direct_page_gfn_aligned(kvm: Kvm) -> None:
     """A direct page's gfn is aligned to the span it maps (512^level pages)."""
     for sp in live_pages(kvm):
@@ -257,7 +260,7 @@ def direct_page_gfn_aligned(kvm: Kvm) -> None:
                 fail("direct_page_gfn_aligned", f"{sp!r} gfn is not aligned to {span:#x}")
 
 
-@invariant(kernel="kvm_mmu_child_role(), tdp_mmu_init_child_sp()", mutant=None)
+@invariant(kernel="kvm_mmu_child_role(), tdp_mmu_init_child_sp()", mutant="mutants/split_child_role_drops_guest_mode")
 def child_role_matches_parent(kvm: Kvm) -> None:
     """A linked child's role is the parent's child role for that entry, and a direct child maps the entry's gfn."""
     for sp in live_pages(kvm):
@@ -352,7 +355,7 @@ def no_unsync_huge_sp(kvm: Kvm) -> None:
             fail("no_unsync_huge_sp", f"{sp!r} is unsync")
 
 
-@invariant(kernel="mark_unsync(), clear_unsync_child_bit()", mutant=None)
+@invariant(kernel="mark_unsync(), clear_unsync_child_bit()", mutant="mutants/unsync_child_bit_not_cleared")
 def unsync_children_counted(kvm: Kvm) -> None:
     """unsync_children counts the child bitmap, and an unsync page is marked in every parent."""
     for sp in live_pages(kvm):
@@ -371,7 +374,7 @@ def unsync_children_counted(kvm: Kvm) -> None:
 
 @invariant(
     kernel="account_shadowed(), __kvm_write_track_add_gfn(), mmu_try_to_unsync_pages()",
-    mutant=None,
+    mutant="mutants/account_shadowed_no_write_track",
 )
 def shadowed_gfns_write_protected(kvm: Kvm) -> None:
     """Upper-level guest tables are write-tracked once each; no writable SPTE maps a tracked gfn or a synced 4K guest table."""
@@ -435,7 +438,10 @@ def split_keeps_min_free_pages(kvm: Kvm) -> None:
         )
 
 
-@invariant(kernel="kvm_account_mmu_page(), kvm_unaccount_mmu_page(), tdp_account_mmu_page()", mutant=None)
+@invariant(
+    kernel="kvm_account_mmu_page(), kvm_unaccount_mmu_page(), tdp_account_mmu_page()",
+    mutant="mutants/split_sp_not_accounted",
+)
 def mmu_pages_accounted(kvm: Kvm) -> None:
     """n_used_mmu_pages counts shadow pages not yet zapped (and zapped roots still referenced); tdp_mmu_pages counts linked TDP tables."""
     shadow = [sp for sp in live_pages(kvm) if not sp.tdp_mmu_page]
@@ -447,7 +453,7 @@ def mmu_pages_accounted(kvm: Kvm) -> None:
         fail("mmu_pages_accounted", f"tdp_mmu_pages={kvm.tdp_mmu_pages}, {tdp} linked TDP tables")
 
 
-@invariant(kernel="kvm_update_page_stats()", mutant="mutants/split_stats_reused_as_fresh")
+@invariant(kernel="kvm_update_page_stats()", mutant="mutants/unmap_keeps_page_stats")
 def page_stats_count_present_leaves(kvm: Kvm) -> None:
     """pages_4k, pages_2m and pages_1g equal the present leaf SPTEs at each level, over both MMUs."""
     count = [0, 0, 0]
@@ -458,7 +464,7 @@ def page_stats_count_present_leaves(kvm: Kvm) -> None:
         fail("page_stats_count_present_leaves", f"stats pages={kvm.stat.pages}, present leaves {count}")
 
 
-@invariant(kernel="kvm_zap_obsolete_pages(), kvm_mmu_commit_zap_page()", mutant=None)
+@invariant(kernel="kvm_zap_obsolete_pages(), kvm_mmu_commit_zap_page()", mutant="mutants/commit_zap_leaks_page")
 def live_pages_are_reachable(kvm: Kvm) -> None:
     """Every live page table is a root, on the active list, or linked from a parent."""
     linked: set[int] = set()
@@ -645,7 +651,9 @@ def tlb_translations_allowed_at_unlock(kvm: Kvm) -> None:
     tlb_translations_allowed(kvm, strict=False)
 
 
-@invariant(kernel="kvm_flush_remote_tlbs() before releasing mmu_lock", mutant=None, kind="unlock")
+@invariant(
+    kernel="kvm_flush_remote_tlbs() before releasing mmu_lock", mutant="mutants/notifier_no_flush", kind="unlock"
+)
 def flush_debt_paid_at_unlock(kvm: Kvm) -> None:
     """No zap, unlink or MMU-writable clear is left unflushed when mmu_lock is dropped."""
     if kvm.tlb_flush_debt:
@@ -657,7 +665,7 @@ def flush_debt_paid_at_unlock(kvm: Kvm) -> None:
 
 @invariant(
     kernel="kvm_flush_remote_tlbs_memslot() before the ioctl returns",
-    mutant=None,
+    mutant="mutants/get_dirty_log_no_flush",
     kind="return",
 )
 def flush_debt_paid_at_return(kvm: Kvm) -> None:

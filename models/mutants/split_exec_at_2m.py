@@ -6,8 +6,8 @@ Breaks nx_huge_page_not_executable.
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import PG_LEVEL_2M, make_spte_executable
 
-# setup (initially-set, nx), kvm_mmu_slot_apply_flags(), kvm_clear_dirty_log() on the 1G slot.
-SHORTEST_TRACE = 3
+# setup (initially-set, nx, logging on), then kvm_clear_dirty_log() on the 1G slot.
+SHORTEST_TRACE = 2
 
 
 class Mutant(MergedSplit):

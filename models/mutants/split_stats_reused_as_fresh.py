@@ -8,8 +8,9 @@ invariant 22).  Breaks page_stats_count_present_leaves.
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import SPTE_ENT_PER_PAGE, is_shadow_present_pte
 
-# The directed test in tests/quality: two aliases of one huge page, split on enable.
-SHORTEST_TRACE = 7
+# setup with the "alias" focus (two L2 aliases of one L1 2M page, both huge),
+# then kvm_mmu_slot_apply_flags(): the second split reuses the first's page.
+SHORTEST_TRACE = 2
 
 
 class Mutant(MergedSplit):
