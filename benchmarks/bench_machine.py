@@ -15,6 +15,8 @@ import time
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
+from kvmsplit.properties import invariants as _registers  # noqa: F401
+from kvmsplit.properties.registry import INVARIANTS
 
 import kvmsplit.machine as machine
 from kvmsplit.models_registry import list_models, model_module
@@ -51,10 +53,12 @@ def throughput(mmu: str, model: str) -> tuple[int, int, float]:
     return counts["examples"], counts["ops"], time.perf_counter() - t
 
 
-def hunt(name: str, phases: list[Phase]) -> tuple[float, int | None, str]:
+def hunt(
+    name: str, phases: list[Phase], mmu: str = "tdp", invariants: tuple[str, ...] | None = None
+) -> tuple[float, int | None, str]:
     t = time.perf_counter()
     try:
-        run_state_machine_as_test(machine.machine_for("tdp", name), settings=ci(phases))
+        run_state_machine_as_test(machine.machine_for(mmu, name, invariants), settings=ci(phases))
     except Exception as e:  # any finding counts; its name is reported
         notes = "\n".join(getattr(e, "__notes__", []))
         steps = [ln for ln in notes.splitlines() if ln.strip().startswith("state.") and "teardown" not in ln]
@@ -116,14 +120,19 @@ def random_rules(state: machine.KvmMachine, rng: random.Random) -> None:
 
 
 def random_walk(
-    mmu: str, model: str, cases: int = 60, steps: int = 40, seed: int = 0
+    mmu: str,
+    model: str,
+    cases: int = 60,
+    steps: int = 40,
+    seed: int = 0,
+    invariants: tuple[str, ...] | None = None,
 ) -> tuple[int, int, float, str | None, int]:
     """(cases, ops, seconds, finding, failing length) of a plain walk that stops at the first finding."""
     rng = random.Random(seed)
     ops = 0
     t = time.perf_counter()
     for case in range(cases):
-        state = machine.machine_for(mmu, model)()
+        state = machine.machine_for(mmu, model, invariants)()
         step = -1
         try:
             state.setup(
@@ -137,6 +146,7 @@ def random_walk(
                     rng.choice(["none", "accessed", "zap"]),
                     rng.choice([0, 4, 5, 6, 7]),
                 ),
+                rng.choice(["none", "clear", "race", "unsync", "alias"]),
             )
             for step in range(steps):  # noqa: B007 - read after a finding
                 random_rules(state, rng)
@@ -164,19 +174,34 @@ def main() -> None:
             extra = f"  finding: {finding}" if finding else ""
             print(f"{mmu:<11} {model:<7} {n:>6} {ops:>6} {dt:>7.2f} {n / dt:>8.1f} {ops / dt:>7.0f}{extra}")
     print()
-    print("mutants on the tdp configuration (ci profile)")
+    print("mutants (ci profile): every invariant on tdp first; else the mutant's own invariant alone,")
+    print("on the first configuration where the machine finds it")
     print(
-        f"{'mutant':<42} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} {'stated':>6} {'walk s':>7} {'walk len':>8}  invariant"
+        f"{'mutant':<42} {'mmu':<10} {'checked':<7} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} "
+        f"{'stated':>6} {'walk s':>7} {'walk len':>8}  invariant"
     )
+    own = {inv.mutant: inv.name for inv in INVARIANTS.values() if inv.mutant}
     for name in [m for m in list_models() if m.startswith("mutants/")]:
-        first, _, _ = hunt(name, GENERATE)
-        shrunk, steps, inv = hunt(name, SHRINK)
-        _, _, walk_s, walk_finding, walk_len = random_walk("tdp", name)
+        tries: list[tuple[str, tuple[str, ...] | None]] = [("tdp", None)]
+        if name in own:
+            tries += [(mmu, (own[name],)) for mmu in ("tdp", "tdp-legacy", "shadow")]
+        for mmu, invs in tries:
+            first, found, _ = hunt(name, GENERATE, mmu, invs)
+            if found is not None:
+                break
+        shrunk, steps, inv = hunt(name, SHRINK, mmu, invs)
+        _, _, walk_s, walk_finding, walk_len = random_walk(mmu, name, invariants=invs)
         stated = model_module(name).SHORTEST_TRACE
         shown = "-" if steps is None else str(steps)
         walk = f"{walk_len:>8}" if walk_finding else f"{'-':>8}"
-        print(f"{name:<42} {first:>15.2f} {shrunk:>9.2f} {shown:>5} {stated:>6} {walk_s:>7.2f} {walk}  {inv}")
-
+        checked = "all" if invs is None else "alone"
+        if steps is None:
+            # Tried every configuration with its invariant alone; none found it.
+            mmu, checked = "none", "-"
+        print(
+            f"{name:<42} {mmu:<10} {checked:<7} {first:>15.2f} {shrunk:>9.2f} {shown:>5} {stated:>6} "
+            f"{walk_s:>7.2f} {walk}  {inv}"
+        )
 
 if __name__ == "__main__":
     main()
