@@ -161,6 +161,7 @@ def _run(cfg: Any, ops: list[dict[str, Any]], title: str, as_json: bool, source:
                     "invariants": len(INVARIANTS),
                     "step_checks": result.step_checks,
                     "unlock_checks": result.unlock_checks,
+                    "split_checks": result.split_checks,
                     "stats": kvm.stat.as_dict() | extra,
                     "split_events": dict(kvm.model_split_env.events),
                 },
@@ -172,7 +173,8 @@ def _run(cfg: Any, ops: list[dict[str, Any]], title: str, as_json: bool, source:
         click.echo(f"  config: {json.dumps(cfg.to_dict())}")
         click.echo(
             f"  {len(result.steps)} operations; {len(INVARIANTS)} invariants checked "
-            f"{result.step_checks} times after operations and {result.unlock_checks} times at mmu_lock releases"
+            f"{result.step_checks} times after operations, {result.unlock_checks} times at mmu_lock releases"
+            f" and {result.split_checks} times across huge page splits"
         )
         for rec in result.steps:
             if rec.op.get("op") == "expect" and rec.index != result.failed_step:

@@ -560,9 +560,10 @@ class TraceResult:
     kvm: Kvm
     failure: Exception | None = None
     failed_step: int | None = None
-    # Model: how many times the invariants ran (after operations, at mmu_lock releases).
+    # Model: how many times the invariants ran (after operations, at mmu_lock releases, across splits).
     step_checks: int = 0
     unlock_checks: int = 0
+    split_checks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -643,4 +644,5 @@ def run_trace(
             on_step(rec)
     if checker is not None:
         result.step_checks, result.unlock_checks = checker.step_checks, checker.unlock_checks
+        result.split_checks = checker.split_checks
     return result
