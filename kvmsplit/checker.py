@@ -4,7 +4,8 @@
 ioctl returns to userspace (also after every operation), and "unlock"
 invariants at every point where KVM drops mmu_lock, through the
 `Kvm.unlock_hooks` the model calls there, and "split" invariants after
-every huge page a split replaces, as an observer of the split environment.
+every huge page a split replaces and "split_pass" ones after every split
+entry point, as observers of the split environment.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Checker:
         self.kvm.unlock_hooks.append(self._at_unlock)
         if any(True for _ in self.selected("split")):
             self.kvm.model_split_env.observers.append(self._at_split)
+        if any(True for _ in self.selected("split_pass")):
+            self.kvm.model_split_env.pass_observers.append(self._at_split_pass)
 
     def selected(self, kind: str) -> Iterable:  # type: ignore[type-arg]
         for inv in _invariants().values():
@@ -63,6 +66,11 @@ class Checker:
         for inv in self.selected("split"):
             inv(kvm, record)
 
+    def _at_split_pass(self, kvm: Kvm, split_pass: object) -> None:
+        self.split_checks += 1
+        for inv in self.selected("split_pass"):
+            inv(kvm, split_pass)
+
     def after_operation(self) -> None:
         from kvmsplit.properties.invariants import check_round
 
@@ -77,3 +85,5 @@ class Checker:
             self.kvm.unlock_hooks.remove(self._at_unlock)
         if self._at_split in self.kvm.model_split_env.observers:
             self.kvm.model_split_env.observers.remove(self._at_split)
+        if self._at_split_pass in self.kvm.model_split_env.pass_observers:
+            self.kvm.model_split_env.pass_observers.remove(self._at_split_pass)

@@ -231,6 +231,7 @@ def invariants_cmd(markdown: bool) -> None:
             "unlock": "at each mmu_lock release",
             "return": "when an ioctl returns",
             "split": "across each huge page split",
+            "split_pass": "after each split entry point",
         }
         for inv in INVARIANTS.values():
             click.echo(

@@ -79,6 +79,9 @@ class SplitEnv:
     # Model: called with a SplitRecord after every huge page a split
     # replaced (the transition invariants of properties/ watch here).
     observers: list[Callable[[Kvm, SplitRecord], None]] = attrs.field(factory=list)
+    # Model: called with a SplitPass after every call of the two split entry
+    # points (the pass invariants of properties/ watch here).
+    pass_observers: list[Callable[[Kvm, SplitPass], None]] = attrs.field(factory=list)
 
     @staticmethod
     def _pop(q: list[bool]) -> bool:
@@ -150,6 +153,40 @@ def split_observed(kvm: Kvm, rec: SplitRecord | None) -> None:
     rec.reused = rec.mmu == "shadow" and kvm.stat.mmu_cache_miss == rec.cache_misses
     for observer in kvm.model_split_env.observers:
         observer(kvm, rec)
+
+
+@attrs.define(eq=False)
+class SplitPass:
+    """Model: one call of kvm_mmu_slot_try_split_huge_pages() or kvm_mmu_try_split_huge_pages()."""
+
+    slot: KvmMemorySlot
+    start: int
+    end: int
+    target_level: int
+    splits: list[SplitRecord] = attrs.field(factory=list)
+    # -ENOSPC and -ENOMEM outcomes during the pass: each may leave huge pages.
+    errors: int = 0
+
+
+def _observed_pass(kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int, run: Callable[[], None]) -> None:
+    env = kvm.model_split_env
+    if not env.pass_observers:
+        run()
+        return
+    p = SplitPass(slot, start, end, target_level)
+
+    def collect(k: Kvm, rec: SplitRecord) -> None:
+        p.splits.append(rec)
+
+    errors = env.events["enospc"] + env.events["enomem"]
+    env.observers.append(collect)
+    try:
+        run()
+    finally:
+        env.observers.remove(collect)
+    p.errors = env.events["enospc"] + env.events["enomem"] - errors
+    for observer in env.pass_observers:
+        observer(kvm, p)
 
 
 @attrs.define(eq=False)
@@ -435,8 +472,22 @@ def split_policy(kvm: Kvm) -> MergedSplit:
 
 
 def kvm_mmu_slot_try_split_huge_pages(kvm: Kvm, slot: KvmMemorySlot, target_level: int) -> None:
-    split_policy(kvm).kvm_mmu_slot_try_split_huge_pages(kvm, slot, target_level)
+    _observed_pass(
+        kvm,
+        slot,
+        slot.base_gfn,
+        slot.end_gfn,
+        target_level,
+        lambda: split_policy(kvm).kvm_mmu_slot_try_split_huge_pages(kvm, slot, target_level),
+    )
 
 
 def kvm_mmu_try_split_huge_pages(kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int) -> None:
-    split_policy(kvm).kvm_mmu_try_split_huge_pages(kvm, slot, start, end, target_level)
+    _observed_pass(
+        kvm,
+        slot,
+        start,
+        end,
+        target_level,
+        lambda: split_policy(kvm).kvm_mmu_try_split_huge_pages(kvm, slot, start, end, target_level),
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 
 from kvmsplit.kvm import Kvm
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES, gfn_to_index
@@ -27,6 +28,7 @@ from kvmsplit.shadow_mmu import is_obsolete_sp
 from kvmsplit.spte import (
     ACC_WRITE_MASK,
     KVM_HPAGE_GFN_SHIFT,
+    KVM_MAX_HUGEPAGE_LEVEL,
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
     PG_LEVEL_4K,
@@ -45,6 +47,7 @@ from kvmsplit.spte import (
     spte_to_pfn,
     spte_writable_triad_holds,
 )
+from kvmsplit.tdp_mmu import for_each_tdp_pte_min_level
 
 from .registry import fail, invariant
 
@@ -776,3 +779,57 @@ def split_moves_page_stats_to_its_children(kvm: Kvm, rec) -> None:  # type: igno
             f"{list(kvm.stat.pages)}; {want} expected ({k} entries filled"
             + (", reused page)" if rec.reused else ")"),
         )
+
+
+@invariant(
+    kernel="tdp_mmu_init_child_sp(), shadow_mmu_get_sp_for_split() (NX huge page recovery)",
+    mutant="mutants/split_page_tracked_for_nx_recovery",
+    kind="split",
+)
+def split_page_is_not_an_nx_recovery_candidate(kvm: Kvm, rec) -> None:  # type: ignore[no-untyped-def]
+    """A page a split creates is not nx_huge_page_disallowed and not on possible_nx_huge_pages."""
+    child = rec.child
+    if child is None or rec.reused:
+        return  # a reused page keeps what the fault that made it decided
+    if child.nx_huge_page_disallowed or child.possible_nx_huge_page or child in kvm.possible_nx_huge_pages:
+        fail(
+            "split_page_is_not_an_nx_recovery_candidate",
+            f"split made {child!r}, which the NX recovery worker would zap: nx_huge_page_disallowed="
+            f"{child.nx_huge_page_disallowed}, on possible_nx_huge_pages={child in kvm.possible_nx_huge_pages}",
+        )
+
+
+@invariant(
+    kernel="kvm_shadow_mmu_try_split_huge_pages(), tdp_mmu_split_huge_pages_root()",
+    mutant="mutants/split_levels_ascending",
+    kind="split_pass",
+)
+def split_pass_goes_top_down_to_the_target(kvm: Kvm, p) -> None:  # type: ignore[no-untyped-def]
+    """A split pass splits 1G before 2M in the shadow MMU and, absent -ENOSPC and -ENOMEM, leaves no huge leaf above its target in range."""
+    name = "split_pass_goes_top_down_to_the_target"
+    levels = [r.level for r in p.splits if r.mmu == "shadow"]
+    for a, b in pairwise(levels):
+        if a < b:
+            fail(name, f"the shadow MMU split a level-{b} page after a level-{a} one in the same pass")
+    if p.errors or not kvm.tdp_mmu_enabled:
+        # The caller write-protects what could not be split; without the
+        # TDP MMU, kvm_mmu_*try_split_huge_pages() return before splitting.
+        return
+    slot = p.slot
+    if kvm.kvm_memslots_have_rmaps():
+        for level in range(p.target_level + 1, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            shift = KVM_HPAGE_GFN_SHIFT(level)
+            for index, head in slot.rmap[level - 1].items():
+                first = (index + (slot.base_gfn >> shift)) << shift
+                if first >= p.end or first + KVM_PAGES_PER_HPAGE(level) <= p.start:
+                    continue
+                for sptep in rmap_iter(head):
+                    if not sptep.sp.role.invalid and is_shadow_present_pte(sptep.spte):
+                        fail(name, f"{sptep!r} still maps gfn {first:#x} at level {level} after the pass")
+    if kvm.tdp_mmu_enabled:
+        for root in kvm.tdp_mmu_roots:
+            if root.role.invalid:
+                continue
+            for it in for_each_tdp_pte_min_level(kvm, root, p.target_level + 1, p.start, p.end):
+                if it.level > p.target_level and is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+                    fail(name, f"TDP MMU level-{it.level} leaf at gfn {it.gfn:#x} survived the pass")

@@ -17,7 +17,9 @@ Kinds: "state" invariants take the `Kvm` and hold after every operation;
 (`Kvm.mmu_unlock()`); "return" invariants hold when an ioctl returns to
 userspace; "split" invariants are transition invariants, taking the `Kvm`
 and a `kvmsplit.split.SplitRecord` (the huge SPTE before, the table that
-replaced it after) for every huge page a split replaces.
+replaced it after) for every huge page a split replaces; "split_pass"
+invariants take a `kvmsplit.split.SplitPass` after every call of the two
+split entry points.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Invariant:
 
 INVARIANTS: dict[str, Invariant] = {}
 
-KINDS = ("state", "unlock", "return", "split")
+KINDS = ("state", "unlock", "return", "split", "split_pass")
 
 
 def invariant(

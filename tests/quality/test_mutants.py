@@ -78,6 +78,8 @@ STATED_TRACES: dict[str, tuple[str, dict[str, Any], list[tuple[str, tuple[Any, .
     "mutants/split_stats_reused_as_fresh": ("tdp", {"focus": "alias"}, [("kvm_mmu_slot_apply_flags", ())]),
     "mutants/split_always_allocates": ("tdp", {"focus": "alias"}, [("kvm_mmu_slot_apply_flags", ())]),
     "mutants/unmap_keeps_page_stats": ("tdp", {}, [("kvm_mmu_notifier", (0, "dontneed"))]),
+    "mutants/split_levels_ascending": ("tdp", {"focus": "clear"}, [("kvm_clear_dirty_log", (2, 0, [0]))]),
+    "mutants/split_page_tracked_for_nx_recovery": ("tdp", {}, [("kvm_mmu_slot_apply_flags", ())]),
     "mutants/split_child_drops_host_writable": ("tdp", {}, [("kvm_mmu_slot_apply_flags", ())]),
     "mutants/split_link_not_executable": ("tdp", {}, [("kvm_mmu_slot_apply_flags", ())]),
     "mutants/tdp_zap_leaves_frozen": (
@@ -144,6 +146,8 @@ MACHINE_FINDS = {
     "mutants/tdp_split_child_gfn_unaligned": ("tdp", "alone"),
     "mutants/tdp_zap_leaves_frozen": ("tdp", "alone"),
     "mutants/unmap_keeps_page_stats": ("tdp", "all"),
+    "mutants/split_levels_ascending": ("tdp", "all"),
+    "mutants/split_page_tracked_for_nx_recovery": ("tdp", "all"),
     "mutants/get_dirty_log_no_flush": ("tdp-legacy", "alone"),
     "mutants/notifier_no_flush": ("shadow", "alone"),
     "mutants/split_allows_unsync_owner": ("tdp", "all"),
