@@ -127,7 +127,7 @@ class KvmMachine(RuleBasedStateMachine):
             st.sampled_from(["none", "accessed", "zap"]),
             st.sampled_from([0, 4, 5, 6, 7]),
         ),
-        focus=st.sampled_from(["none", "clear", "race", "unsync", "alias"]),
+        focus=st.sampled_from(["none", "clear", "race", "unsync", "alias", "alias_1g"]),
     )
     def setup(
         self,
@@ -146,11 +146,13 @@ class KvmMachine(RuleBasedStateMachine):
         # guest table (KVM shadowed it, then the guest wrote one of its PTEs);
         # "alias" maps one L1 2M page at two L2 addresses, both huge, so a
         # split reuses the page the other alias's split made;
+        # "alias_1g" is "clear" plus a second L2 alias of the 1G page, mapped
+        # 4K under logging, so a CLEAR's split reuses a page with a non-leaf;
         # "race" arms a racing thread for the compare-and-exchange of the
         # first TDP MMU split under the read lock (logging start, eager on).
         focus = self.forced_focus or focus
         self.focus = focus
-        if focus == "clear":
+        if focus in ("clear", "alias_1g"):
             initially_set, no_eager = True, False
         elif focus == "race":
             initially_set, no_eager = False, False
@@ -205,6 +207,9 @@ class KvmMachine(RuleBasedStateMachine):
         # The split paths' nondeterminism for the first splits of the run;
         # rules queue more later.  All of it shrinks away to "none".
         need_resched, topup_fails, tdp_alloc_fails, race, headroom = plan
+        if focus == "alias_1g":
+            # Room and memory for its split: the guard or -ENOMEM would stop it.
+            headroom = topup_fails = tdp_alloc_fails = 0
         if focus == "race" and race == "none":
             race = "zap"
         if need_resched or topup_fails or tdp_alloc_fails:
@@ -240,6 +245,15 @@ class KvmMachine(RuleBasedStateMachine):
             # The initially-set use: logging is on from the start and
             # userspace harvests with KVM_CLEAR_DIRTY_LOG, which splits.
             self.kvm_mmu_slot_apply_flags()
+        if focus == "alias_1g" and self.nested:
+            # L2's 1G page at 2 GiB aliases the 1G slot its page at 1 GiB maps
+            # huge; touched under logging, it maps 4K through a direct 1G-level
+            # page a later split of the 1 GiB alias reuses, non-leaf and all.
+            fmt = EPT_GPT
+            pdpt = next(g for g, lvl in sorted(self.table_level.items()) if lvl == 3)
+            self._edit_pte(shadowed, pdpt, 2, fmt.make_gpte(BIG_GPA >> 12, 7, 3, large=True))
+            self._enter_l2(shadowed)
+            self.apply({"op": "kvm_vcpu_access", "vcpu": shadowed, "addr": 2 * GiB, "access": "read"})
 
     def _index_tables(self, gfn: int, level: int) -> None:
         fmt = EPT_GPT if self.guest_format == "ept" else X86_GPT
@@ -474,15 +488,18 @@ class KvmMachine(RuleBasedStateMachine):
         }[what]
         self.apply(op)
 
+    # The alias_1g focus needs room for its split: the guard would stop it.
+    @precondition(lambda self: self.focus != "alias_1g")
     @rule(headroom=st.sampled_from([4, 5, 6, 7, 40]))
     def kvm_mmu_change_mmu_pages(self, headroom: int) -> None:
         self.apply({"op": "kvm_mmu_change_mmu_pages", "headroom": headroom})
 
-    @precondition(lambda self: self.focus not in ("clear", "race"))
+    @precondition(lambda self: self.focus not in ("clear", "alias_1g", "race"))
     @rule(which=st.sampled_from(["eager_page_split", "nx_huge_pages"]), value=st.booleans())
     def set_module_param(self, which: str, value: bool) -> None:
         self.apply({"op": f"set_{which}", "value": value})
 
+    @precondition(lambda self: self.focus != "alias_1g")
     @rule(need_resched=st.integers(0, 3), topup_fails=st.integers(0, 1), tdp_alloc_fails=st.integers(0, 1))
     def model_split_env(self, need_resched: int, topup_fails: int, tdp_alloc_fails: int) -> None:
         """Queue the split paths' nondeterminism: -EAGAIN, failed top-ups, failed allocations."""

@@ -1,12 +1,10 @@
 """The state machine runs are not vacuous: under the ci profile they reach every rare split event.
 
 Each run starts from one focus (a setup draw the machine also makes on its
-own): none, KVM_CLEAR_DIRTY_LOG harvesting, a racing thread armed, or a
-shadowed 4K guest table.  The union of the events of the four runs must
-hold every event of kvmsplit.machine.RARE_EVENTS, except the flush for a
-reused page with a non-leaf child: reaching it takes two EPT aliases of one
-1G page, which the machine does not generate, so
-tests/scenarios/test_eager_split.py pins it with a directed trace.
+own): none, KVM_CLEAR_DIRTY_LOG harvesting, the same with a second EPT
+alias of the 1G page mapped 4K, a racing thread armed, or an unsync 4K
+guest table.  The union of the events of the five runs must hold every
+event of kvmsplit.machine.RARE_EVENTS.
 """
 
 from collections import Counter
@@ -15,10 +13,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 import kvmsplit.machine as machine
 
-FOCUSED_RUNS = (("tdp", "none"), ("tdp", "clear"), ("tdp", "race"), ("shadow", "unsync"))
-PINNED_BY_DIRECTED_TESTS = {
-    "reuse_nonleaf_flush": "tests/scenarios/test_eager_split.py::test_split_reusing_a_page_with_a_present_nonleaf_child_flushes",
-}
+FOCUSED_RUNS = (("tdp", "none"), ("tdp", "clear"), ("tdp", "alias_1g"), ("tdp", "race"), ("shadow", "unsync"))
 
 
 def run_collecting_events(mmu: str, model: str, focus: str) -> Counter[str]:
@@ -41,9 +36,7 @@ def test_ci_runs_reach_every_rare_split_event() -> None:
     seen: Counter[str] = Counter()
     for mmu, focus in FOCUSED_RUNS:
         seen += run_collecting_events(mmu, "merged", focus)
-    missing = [
-        e for e in machine.RARE_EVENTS if e not in PINNED_BY_DIRECTED_TESTS and not any(e in k for k in seen)
-    ]
+    missing = [e for e in machine.RARE_EVENTS if not any(e in k for k in seen)]
     assert not missing, f"never happened under this profile: {missing}; seen {dict(seen)}"
     # Both MMUs split.
     assert seen["tdp_split_2m"] and seen["shadow_split_2m"], dict(seen)
