@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from hypothesis import event, target
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -29,6 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from kvmsplit.errors import HarnessError
 from kvmsplit.guest import EPT_GPT, X86_GPT
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from kvmsplit.profiles import freeze_hypothesis_constants
 from kvmsplit.scenarios import HVA_BASE as HVA
 from kvmsplit.scenarios import PT_GFN, PT_GPA, PT_SLOT, GiB, MiB, identity_map_op
 from kvmsplit.trace import TraceConfig, make_kvm, run_op, validate_op
@@ -54,6 +56,27 @@ RARE_EVENTS = (
 )
 
 
+# Starting states a run may draw (see KvmMachine.setup()).
+FOCUSES = ("none", "clear", "race", "logging", "unsync", "alias", "alias_1g")
+
+
+def setup_draws(focus: st.SearchStrategy[str]) -> dict[str, st.SearchStrategy[Any]]:
+    """What KvmMachine.setup() draws: the VM's configuration, the split paths' plan, the focus."""
+    return dict(
+        initially_set=st.booleans(),
+        no_eager=st.booleans(),
+        nx=st.booleans(),
+        plan=st.tuples(
+            st.integers(0, 2),
+            st.integers(0, 1),
+            st.integers(0, 1),
+            st.sampled_from(["none", "accessed", "zap"]),
+            st.sampled_from([0, 4, 5, 6, 7]),
+        ),
+        focus=focus,
+    )
+
+
 class KvmMachine(RuleBasedStateMachine):
     """Drive one VM through KVM operations; subclasses fix the MMU configuration and model."""
 
@@ -62,8 +85,6 @@ class KvmMachine(RuleBasedStateMachine):
     # None checks every invariant; a list checks only those (a quality test
     # shows one invariant alone catches its mutant).
     checked_invariants: tuple[str, ...] | None = None
-    # Set by a coverage run to start every test case from one focus.
-    forced_focus: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,19 +137,7 @@ class KvmMachine(RuleBasedStateMachine):
 
     # --- setup ----------------------------------------------------------------------
 
-    @initialize(
-        initially_set=st.booleans(),
-        no_eager=st.booleans(),
-        nx=st.booleans(),
-        plan=st.tuples(
-            st.integers(0, 2),
-            st.integers(0, 1),
-            st.integers(0, 1),
-            st.sampled_from(["none", "accessed", "zap"]),
-            st.sampled_from([0, 4, 5, 6, 7]),
-        ),
-        focus=st.sampled_from(["none", "clear", "race", "unsync", "alias", "alias_1g"]),
-    )
+    @initialize(**setup_draws(st.sampled_from(FOCUSES)))  # type: ignore[call-overload]
     def setup(
         self,
         initially_set: bool,
@@ -149,13 +158,16 @@ class KvmMachine(RuleBasedStateMachine):
         # "alias_1g" is "clear" plus a second L2 alias of the 1G page, mapped
         # 4K under logging, so a CLEAR's split reuses a page with a non-leaf;
         # "race" arms a racing thread for the compare-and-exchange of the
-        # first TDP MMU split under the read lock (logging start, eager on).
-        focus = self.forced_focus or focus
+        # first TDP MMU split under the read lock (logging start, eager on);
+        # "logging" ends setup with dirty logging on slot 0, as the selftest
+        # does after populating, so one guest write is a logged write.
         self.focus = focus
         if focus in ("clear", "alias_1g"):
             initially_set, no_eager = True, False
         elif focus == "race":
             initially_set, no_eager = False, False
+        elif focus == "logging":
+            initially_set = False
         eager = not no_eager
         self.initially_set = initially_set
         cfg = self.config()
@@ -241,7 +253,7 @@ class KvmMachine(RuleBasedStateMachine):
             self.guest_write_pde(shadowed, 4, 0, 7, "huge")
             self._enter_l2(shadowed)
             self.kvm_vcpu_run(shadowed, 4, "read")
-        if initially_set:
+        if initially_set or focus == "logging":
             # The initially-set use: logging is on from the start and
             # userspace harvests with KVM_CLEAR_DIRTY_LOG, which splits.
             self.kvm_mmu_slot_apply_flags()
@@ -249,9 +261,8 @@ class KvmMachine(RuleBasedStateMachine):
             # L2's 1G page at 2 GiB aliases the 1G slot its page at 1 GiB maps
             # huge; touched under logging, it maps 4K through a direct 1G-level
             # page a later split of the 1 GiB alias reuses, non-leaf and all.
-            fmt = EPT_GPT
             pdpt = next(g for g, lvl in sorted(self.table_level.items()) if lvl == 3)
-            self._edit_pte(shadowed, pdpt, 2, fmt.make_gpte(BIG_GPA >> 12, 7, 3, large=True))
+            self._edit_pte(shadowed, pdpt, 2, EPT_GPT.make_gpte(BIG_GPA >> 12, 7, 3, large=True))
             self._enter_l2(shadowed)
             self.apply({"op": "kvm_vcpu_access", "vcpu": shadowed, "addr": 2 * GiB, "access": "read"})
 
@@ -333,6 +344,8 @@ class KvmMachine(RuleBasedStateMachine):
 
     def _addresses(self) -> st.SearchStrategy[int]:
         return st.one_of(
+            # Slot 0 twice over: its THP frames are where splits happen.
+            st.integers(0, SLOTS[0][1] - 1),
             st.integers(0, GUEST_SPAN - 1),
             st.integers(BIG_GPA, BIG_GPA + 4 * MiB),
             st.sampled_from([0, 0x1000, 2 * MiB, 2 * MiB + 0x5000, 6 * MiB - 4096, 16 * MiB, 20 * MiB - 4096]),
@@ -529,14 +542,99 @@ class KvmMachine(RuleBasedStateMachine):
             self.checker.detach()
 
 
-_MACHINES: dict[tuple[str, str, tuple[str, ...] | None], type[KvmMachine]] = {}
+_MACHINES: dict[tuple[str, str, tuple[str, ...] | None, str | None], type[KvmMachine]] = {}
 
 
-def machine_for(mmu_kind: str, model: str, invariants: tuple[str, ...] | None = None) -> type[KvmMachine]:
-    """The state machine class for one MMU configuration and one model (checking only @invariants if given)."""
-    key = (mmu_kind, model, invariants)
+def machine_for(
+    mmu_kind: str, model: str, invariants: tuple[str, ...] | None = None, focus: str | None = None
+) -> type[KvmMachine]:
+    """The state machine class for one MMU configuration and one model.
+
+    @invariants, if given, are the only ones checked; @focus, if given, is
+    the starting state of every test case instead of a draw.
+    """
+    if focus is not None and focus not in FOCUSES:
+        raise HarnessError(f"unknown focus {focus!r}; known: {', '.join(FOCUSES)}")
+    freeze_hypothesis_constants()
+    key = (mmu_kind, model, invariants, focus)
     if key not in _MACHINES:
         name = f"KvmMachine_{mmu_kind.replace('-', '_')}_{model.replace('/', '_').replace('.', '_')}"
-        attrs = {"mmu_kind": mmu_kind, "model": model, "checked_invariants": invariants}
+        attrs: dict[str, Any] = {"mmu_kind": mmu_kind, "model": model, "checked_invariants": invariants}
+        if focus is not None:
+            name += f"_{focus}"
+            # The same setup with the focus drawn from one value, so a
+            # printed trace shows the focus it ran from.
+            draws = setup_draws(st.just(focus))
+            attrs["setup"] = initialize(**draws)(KvmMachine.setup.__wrapped__)  # type: ignore[call-overload]
         _MACHINES[key] = type(name, (KvmMachine,), attrs)
     return _MACHINES[key]
+
+
+NO_PLAN = (0, 0, 0, "none", 0)
+# The setup draws Hypothesis shrinks toward: no initially-set mode, eager
+# splitting on, no NX mitigation, nothing queued, no focus.
+SIMPLEST_SETUP: dict[str, Any] = {
+    "initially_set": False,
+    "no_eager": False,
+    "nx": False,
+    "plan": NO_PLAN,
+    "focus": "none",
+}
+MACHINE_MMUS = ("tdp", "tdp-legacy", "shadow")
+
+
+def _is_setup_draw(instance: Any, attribute: Any, value: dict[str, Any]) -> None:
+    unknown = sorted(set(value) - set(SIMPLEST_SETUP))
+    if unknown:
+        raise HarnessError(f"{attribute.name}: {unknown} are not setup draws; known: {sorted(SIMPLEST_SETUP)}")
+    if value.get("focus", "none") not in FOCUSES:
+        raise HarnessError(f"{attribute.name}: unknown focus {value['focus']!r}; known: {', '.join(FOCUSES)}")
+
+
+def _are_rules(instance: Any, attribute: Any, value: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+    for name, _args in value:
+        if not hasattr(getattr(KvmMachine, name, None), "hypothesis_stateful_rule"):
+            raise HarnessError(f"{attribute.name}: {name!r} is not a rule of the state machine")
+
+
+@attrs.frozen(kw_only=True)
+class StatedTrace:
+    """A trace of the state machine, as a mutant states its shortest exposing one.
+
+    @setup holds the setup draws that differ from SIMPLEST_SETUP, @rules the
+    rules after setup as (name, args); the trace is `steps` steps long,
+    setup included, the unit a shrunk Hypothesis trace is counted in.
+    """
+
+    mmu: str = attrs.field(default="tdp", validator=attrs.validators.in_(MACHINE_MMUS))
+    setup: dict[str, Any] = attrs.field(factory=dict, validator=_is_setup_draw, hash=False)
+    rules: tuple[tuple[str, tuple[Any, ...]], ...] = attrs.field(default=(), converter=tuple, validator=_are_rules)
+
+    @property
+    def steps(self) -> int:
+        return 1 + len(self.rules)
+
+    def run(self, model: str, invariants: tuple[str, ...] | None = None) -> None:
+        """Run the trace on @model, checking @invariants (all by default); a finding raises."""
+        state = machine_for(self.mmu, model, invariants)()
+        try:
+            state.setup(**(SIMPLEST_SETUP | self.setup))
+            for name, args in self.rules:
+                getattr(state, name)(*args)
+        finally:
+            state.teardown()
+
+
+@attrs.frozen(kw_only=True)
+class Hunt:
+    """Where the ci-profile state machine finds a mutant by itself.
+
+    The MMU configuration, and the focus every test case starts from, or
+    None when the machine draws the focus too.  tests/quality runs it with
+    the mutant's own invariant alone: a failure it finds that way is found
+    at the same example or earlier with every invariant checked, since the
+    draws do not depend on what is checked until something fails.
+    """
+
+    mmu: str = attrs.field(default="tdp", validator=attrs.validators.in_(MACHINE_MMUS))
+    focus: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(FOCUSES)))
