@@ -65,9 +65,16 @@ class MachineRun:
         return [e for e in RARE_EVENTS if any(e in k and v for k, v in self.events.items())]
 
 
-def _instrumented(mmu: str, model: str, run: MachineRun, tick: Callable[[], None]) -> type:
+def _instrumented(
+    mmu: str,
+    model: str,
+    run: MachineRun,
+    tick: Callable[[], None],
+    focus: str | None = None,
+    invariants: tuple[str, ...] | None = None,
+) -> type:
     """A subclass of the machine that counts, remembers its config and finds the final run."""
-    base = machine_for(mmu, model)
+    base = machine_for(mmu, model, invariants, focus=focus)
     holder: dict[str, Any] = {}
 
     def init(self: Any) -> None:
@@ -132,8 +139,14 @@ def run_machine(
     max_examples: int | None = None,
     seed: int | None = None,
     on_progress: Callable[[MachineRun], None] | None = None,
+    focus: str | None = None,
+    invariants: tuple[str, ...] | None = None,
 ) -> MachineRun:
-    """Run the state machine for @mmu against @model; shrink and confirm any finding."""
+    """Run the state machine for @mmu against @model; shrink and confirm any finding.
+
+    @focus starts every test case from that focus instead of drawing one;
+    @invariants, if given, are the only ones checked.
+    """
     s = machine_settings(profile, max_examples, seed)
     run = MachineRun(mmu=mmu, model=model, max_examples=s.max_examples)
     last_tick = [0.0]
@@ -144,7 +157,7 @@ def run_machine(
             last_tick[0] = now
             on_progress(run)
 
-    cls = _instrumented(mmu, model, run, tick)
+    cls = _instrumented(mmu, model, run, tick, focus, invariants)
     if seed is not None:
         cls._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
     start = time.monotonic()

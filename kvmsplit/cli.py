@@ -547,6 +547,17 @@ def _summary(runs: list[Any], args: dict[str, Any], code: int, seconds: float) -
     show_default=True,
     help="Hypothesis profile",
 )
+@click.option(
+    "--focus",
+    default=None,
+    help="start every test case from this focus (kvmsplit/machine.py FOCUSES) instead of drawing one",
+)
+@click.option(
+    "--invariant",
+    "invariants",
+    multiple=True,
+    help="check only this invariant (repeatable; default all; `kvmsplit invariants` lists them)",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="seed the random choices (no example database)")
 @click.option("--max-examples", type=click.IntRange(min=1), default=None, help="override the profile's example count")
 @click.option("--out", "out_dir", default="kvmsplit-failures", show_default=True, help="directory for reproducers")
@@ -557,6 +568,8 @@ def check_cmd(
     model: str,
     mmus: tuple[str, ...],
     profile: str,
+    focus: str | None,
+    invariants: tuple[str, ...],
     seed: int | None,
     max_examples: int | None,
     out_dir: str,
@@ -580,6 +593,15 @@ def check_cmd(
         load_model(model)
     except HarnessError as e:
         _fail_usage(str(e))
+    from kvmsplit.machine import FOCUSES
+    from kvmsplit.properties import invariants as _registers  # noqa: F401
+    from kvmsplit.properties.registry import INVARIANTS
+
+    if focus is not None and focus not in FOCUSES:
+        _fail_usage(f"unknown focus {focus!r}; known: {', '.join(FOCUSES)}")
+    unknown = [name for name in invariants if name not in INVARIANTS]
+    if unknown:
+        _fail_usage(f"unknown invariant(s) {', '.join(unknown)}; `kvmsplit invariants` lists them")
     chosen = [m for m in MMUS if not mmus or m in mmus]
     from kvmsplit.profiles import profile_settings
 
@@ -588,6 +610,8 @@ def check_cmd(
     click.echo(
         f"kvmsplit check: model {model}, profile {profile} ({n} examples of up to {base.stateful_step_count} steps"
         f"{f', seed {seed}' if seed is not None else ''}), MMUs {', '.join(chosen)}"
+        + (f", focus {focus}" if focus else "")
+        + (f", checking only {', '.join(invariants)}" if invariants else "")
     )
     from rich.console import Console
 
@@ -599,7 +623,16 @@ def check_cmd(
             from kvmsplit.check import MachineRun
 
             reporter.start(MachineRun(mmu=mmu, model=model, max_examples=n))
-            run = run_machine(mmu, model, profile, max_examples, seed, on_progress=reporter.update)
+            run = run_machine(
+                mmu,
+                model,
+                profile,
+                max_examples,
+                seed,
+                on_progress=reporter.update,
+                focus=focus,
+                invariants=invariants or None,
+            )
             reporter.finish(run)
             runs.append(run)
     seconds = time.monotonic() - start
@@ -619,7 +652,15 @@ def check_cmd(
     if junit:
         _junit(runs, Path(junit), model, seconds)
     if json_path:
-        args = {"model": model, "profile": profile, "seed": seed, "max_examples": n, "mmus": chosen}
+        args = {
+            "model": model,
+            "profile": profile,
+            "seed": seed,
+            "max_examples": n,
+            "mmus": chosen,
+            "focus": focus,
+            "invariants": list(invariants) or None,
+        }
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(_summary(runs, args, code, seconds), indent=1) + "\n")
     sys.exit(code)
