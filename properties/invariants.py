@@ -636,7 +636,7 @@ def tlb_translations_allowed(kvm: Kvm, strict: bool) -> None:
 
 @invariant(
     kernel="kvm_flush_remote_tlbs() before returning to userspace",
-    mutant="mutants/split_no_flush_on_nonleaf_reuse",
+    mutant="mutants/get_dirty_log_no_flush",
     kind="return",
 )
 def tlb_translations_allowed_strict(kvm: Kvm) -> None:
@@ -776,8 +776,7 @@ def split_moves_page_stats_to_its_children(kvm: Kvm, rec) -> None:  # type: igno
         fail(
             "split_moves_page_stats_to_its_children",
             f"split of a level-{rec.level} leaf at gfn {rec.gfn:#x} took pages {list(rec.stats)} to "
-            f"{list(kvm.stat.pages)}; {want} expected ({k} entries filled"
-            + (", reused page)" if rec.reused else ")"),
+            f"{list(kvm.stat.pages)}; {want} expected ({k} entries filled" + (", reused page)" if rec.reused else ")"),
         )
 
 
@@ -831,5 +830,9 @@ def split_pass_goes_top_down_to_the_target(kvm: Kvm, p) -> None:  # type: ignore
             if root.role.invalid:
                 continue
             for it in for_each_tdp_pte_min_level(kvm, root, p.target_level + 1, p.start, p.end):
-                if it.level > p.target_level and is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+                if (
+                    it.level > p.target_level
+                    and is_shadow_present_pte(it.old_spte)
+                    and is_last_spte(it.old_spte, it.level)
+                ):
                     fail(name, f"TDP MMU level-{it.level} leaf at gfn {it.gfn:#x} survived the pass")

@@ -6,11 +6,16 @@ page is fixed by the lockless fast path; fast_pf_fix_direct_spte() calls
 mark_page_dirty_in_slot() because nothing else will see that write.
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mutation import during
 from kvmsplit.split import MergedSplit
 
-# setup, kvm_mmu_slot_apply_flags(), a guest write into the logged slot.
-SHORTEST_TRACE = 3
+# setup from the "logging" focus (slot 0 logged), then an L1 guest write into
+# slot 0, which fast_page_fault() fixes.
+STATED_TRACE = StatedTrace(setup={"focus": "logging"}, rules=[("kvm_vcpu_run", (0, 0, "write"))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt(focus="logging")
 
 
 class Mutant(MergedSplit):

@@ -6,11 +6,15 @@ before mmu_lock is dropped, or a vCPU keeps using a page the host is about
 to free.
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mutation import KernelPatch
 from kvmsplit.split import MergedSplit
 
-# setup, then kvm_mmu_notifier() freeing a mapped frame.
-SHORTEST_TRACE = 2
+# setup, then kvm_mmu_notifier() freeing part of a mapped frame.
+STATED_TRACE = StatedTrace(rules=[("kvm_mmu_notifier", (0, "dontneed"))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 def _no_flush(orig):  # type: ignore[no-untyped-def]

@@ -6,10 +6,15 @@ The premise Sean Christopherson's review of v3 22/23 rests on: pages above
 """
 
 from kvmsplit import shadow_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 
-# setup, then kvm_mmu_slot_apply_flags() (the state machine shrinks to this).
-SHORTEST_TRACE = 2
+# setup from the "logging" focus: dirty logging starts on slot 0 and the eager
+# split of its huge pages exposes it.
+STATED_TRACE = StatedTrace(setup={"focus": "logging"})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

@@ -8,12 +8,16 @@ other stale.
 """
 
 from kvmsplit import shadow_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mmu_page import kvm_mmu_child_role, kvm_mmu_page_get_access, kvm_mmu_page_get_gfn
 from kvmsplit.split import MergedSplit, split_caches
 
 # setup with the "alias" focus (two L2 aliases of one L1 2M page, both huge),
 # then kvm_mmu_slot_apply_flags(): the second split must reuse the first's page.
-SHORTEST_TRACE = 2
+STATED_TRACE = StatedTrace(setup={"focus": "alias"}, rules=[("kvm_mmu_slot_apply_flags", ())])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt(focus="alias")
 
 
 class Mutant(MergedSplit):

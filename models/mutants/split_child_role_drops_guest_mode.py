@@ -7,11 +7,16 @@ same gfn, and the split page is never found again.
 """
 
 from kvmsplit import shadow_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mmu_page import kvm_mmu_child_role, kvm_mmu_page_get_access, kvm_mmu_page_get_gfn
 from kvmsplit.split import MergedSplit, split_caches
 
-# setup, then kvm_mmu_slot_apply_flags() (the eager split allocates the page).
-SHORTEST_TRACE = 2
+# setup from the "logging" focus: dirty logging starts on slot 0 and the eager
+# split of its huge pages exposes it.
+STATED_TRACE = StatedTrace(setup={"focus": "logging"})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

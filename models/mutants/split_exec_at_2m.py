@@ -3,11 +3,16 @@
 Breaks nx_huge_page_not_executable.
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import PG_LEVEL_2M, make_spte_executable
 
-# setup (initially-set, nx, logging on), then kvm_clear_dirty_log() on the 1G slot.
-SHORTEST_TRACE = 2
+# setup with the "clear" focus and the NX mitigation (initially-set, logging
+# on, the 1G slot mapped huge), then kvm_clear_dirty_log() on the 1G slot.
+STATED_TRACE = StatedTrace(setup={"nx": True, "focus": "clear"}, rules=[("kvm_clear_dirty_log", (2, 0, [0]))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

@@ -5,11 +5,15 @@ Breaks split_keeps_min_free_pages.
 
 from typing import Any
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 
-# setup (nested huge pages, ending in kvm_mmu_change_mmu_pages(headroom=5)),
-# then kvm_mmu_slot_apply_flags().
-SHORTEST_TRACE = 2
+# setup from the "logging" focus, its KVM_SET_NR_MMU_PAGES leaving exactly
+# KVM_MIN_FREE_MMU_PAGES available before dirty logging starts.
+STATED_TRACE = StatedTrace(setup={"focus": "logging", "plan": (0, 0, 0, "none", 5)})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt(focus="logging")
 
 
 class Mutant(MergedSplit):

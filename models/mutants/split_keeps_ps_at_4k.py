@@ -3,11 +3,16 @@
 Breaks leaf_size_matches_level.
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import PG_LEVEL_4K, PT_PAGE_SIZE_MASK
 
-# setup, then kvm_mmu_slot_apply_flags() (the state machine shrinks to this).
-SHORTEST_TRACE = 2
+# setup from the "logging" focus: dirty logging starts on slot 0 and the eager
+# split of its huge pages exposes it.
+STATED_TRACE = StatedTrace(setup={"focus": "logging"})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

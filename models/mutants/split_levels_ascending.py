@@ -8,12 +8,16 @@ dirty logging, only write-protected) until faults split them one by one.
 """
 
 from kvmsplit import shadow_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import KVM_MAX_HUGEPAGE_LEVEL
 
 # setup with the "clear" focus (initially-set, logging on, a 1G page mapped
 # for L2), then kvm_clear_dirty_log() on the 1G slot.
-SHORTEST_TRACE = 2
+STATED_TRACE = StatedTrace(setup={"focus": "clear"}, rules=[("kvm_clear_dirty_log", (2, 0, [0]))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

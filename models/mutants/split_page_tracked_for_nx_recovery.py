@@ -7,10 +7,15 @@ that was never disallowed, and zapping it would only undo the split.
 """
 
 from kvmsplit import shadow_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 
-# setup, then kvm_mmu_slot_apply_flags() (the eager split allocates the page).
-SHORTEST_TRACE = 2
+# setup from the "logging" focus: dirty logging starts on slot 0 and the eager
+# split of its huge pages exposes it.
+STATED_TRACE = StatedTrace(setup={"focus": "logging"})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

@@ -1,14 +1,20 @@
 """Compute a child's pfn offset with the parent's level (index * pages per huge page).
 
 The gfn to pfn mapping no longer survives the split.  Breaks
-tlb_translations_allowed_at_unlock (a cached huge translation disagrees).
+split_keeps_gfn_to_pfn_mapping (and, later, the TLB checks: a cached huge
+translation disagrees with the children).
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import KVM_PAGES_PER_HPAGE, PAGE_SHIFT
 
-# setup, then kvm_mmu_slot_apply_flags() (the state machine shrinks to this).
-SHORTEST_TRACE = 2
+# setup from the "logging" focus: dirty logging starts on slot 0 and the eager
+# split of its huge pages exposes it.
+STATED_TRACE = StatedTrace(setup={"focus": "logging"})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

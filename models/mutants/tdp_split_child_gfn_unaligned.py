@@ -9,12 +9,16 @@ gfns from the wrong base.
 """
 
 from kvmsplit import tdp_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mutation import swapped
 from kvmsplit.split import MergedSplit
 
 # setup with the "clear" focus (initially-set, logging on), then
 # kvm_clear_dirty_log() of a word not at a 2M boundary.
-SHORTEST_TRACE = 2
+STATED_TRACE = StatedTrace(setup={"focus": "clear"}, rules=[("kvm_clear_dirty_log", (0, 1, [0]))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt(focus="clear")
 
 _init_child_sp = tdp_mmu.tdp_mmu_init_child_sp
 

@@ -6,13 +6,17 @@ flush, then must store the non-present value; a frozen SPTE left behind
 makes every later fault on that gfn retry forever.
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mutation import KernelPatch
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import REMOVED_SPTE
 
-# setup, kvm_mmu_slot_apply_flags() (eager split to 4K), then stopping dirty
+# setup from the "logging" focus (eager split to 4K), then stopping dirty
 # logging, whose kvm_tdp_mmu_zap_collapsible_sptes() zaps the split tables.
-SHORTEST_TRACE = 3
+STATED_TRACE = StatedTrace(setup={"focus": "logging"}, rules=[("kvm_mmu_slot_apply_flags_stop", (0,))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 def _stay_frozen(orig):  # type: ignore[no-untyped-def]

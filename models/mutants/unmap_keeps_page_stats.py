@@ -6,11 +6,15 @@ whether huge pages were split or rebuilt; every path that clears a present
 leaf must go through kvm_update_page_stats(), the notifier's zaps included.
 """
 
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mutation import during
 from kvmsplit.split import MergedSplit
 
 # setup, then kvm_mmu_notifier() freeing part of a mapped frame.
-SHORTEST_TRACE = 2
+STATED_TRACE = StatedTrace(rules=[("kvm_mmu_notifier", (0, "dontneed"))])
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 class Mutant(MergedSplit):

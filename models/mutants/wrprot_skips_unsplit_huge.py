@@ -7,12 +7,17 @@ write-protect those ("huge pages that failed to split" in its comment).
 """
 
 from kvmsplit import mmu, shadow_mmu, tdp_mmu
+from kvmsplit.machine import Hunt, StatedTrace
 from kvmsplit.mutation import during
 from kvmsplit.split import MergedSplit
 from kvmsplit.spte import PG_LEVEL_4K, PT_WRITABLE_MASK, is_shadow_present_pte
 
-# setup with a TDP split allocation that fails (-ENOMEM), then kvm_mmu_slot_apply_flags().
-SHORTEST_TRACE = 2
+# setup from the "logging" focus with the TDP MMU's split allocation failing
+# (-ENOMEM), so huge pages stay for the write-protect pass.
+STATED_TRACE = StatedTrace(setup={"focus": "logging", "plan": (0, 0, 1, "none", 0)})
+SHORTEST_TRACE = STATED_TRACE.steps
+# Where the ci-profile state machine finds it (tests/quality, benchmarks/bench_machine.py).
+HUNT = Hunt()
 
 
 def _wrprot_4k_only(kvm, slot, start_level):  # type: ignore[no-untyped-def]
@@ -34,7 +39,9 @@ def _wrprot_4k_only(kvm, slot, start_level):  # type: ignore[no-untyped-def]
 class Mutant(MergedSplit):
     name = "mutants/wrprot_skips_unsplit_huge"
     kernel_patches = (
-        during("kvmsplit.x86.kvm_mmu_slot_apply_flags", "kvmsplit.mmu.kvm_mmu_slot_remove_write_access", _wrprot_4k_only),
+        during(
+            "kvmsplit.x86.kvm_mmu_slot_apply_flags", "kvmsplit.mmu.kvm_mmu_slot_remove_write_access", _wrprot_4k_only
+        ),
     )
 
 

@@ -18,11 +18,9 @@ FOCUSED_RUNS = (("tdp", "none"), ("tdp", "clear"), ("tdp", "alias_1g"), ("tdp", 
 
 def run_collecting_events(mmu: str, model: str, focus: str) -> Counter[str]:
     seen: Counter[str] = Counter()
-    base = machine.machine_for(mmu, model)
+    base = machine.machine_for(mmu, model, focus=focus)
 
     class Counting(base):  # type: ignore[misc, valid-type]
-        forced_focus = focus
-
         def teardown(self) -> None:
             if self.kvm is not None:
                 seen.update(set(self.kvm.model_split_env.events))
