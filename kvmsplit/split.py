@@ -168,7 +168,9 @@ class SplitPass:
     errors: int = 0
 
 
-def _observed_pass(kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int, run: Callable[[], None]) -> None:
+def _observed_pass(
+    kvm: Kvm, slot: KvmMemorySlot, start: int, end: int, target_level: int, run: Callable[[], None]
+) -> None:
     env = kvm.model_split_env
     if not env.pass_observers:
         run()

@@ -21,6 +21,7 @@ RECORD = Path(__file__).parent / "data" / "kernel-pvm-shadow.json"
 DOC = json.loads(RECORD.read_text())
 CONFIG, KERNEL = load_kernel_record(DOC)
 
+
 def test_recording_was_made_on_a_shadow_paging_host() -> None:
     assert CONFIG.mmu == "shadow" and not CONFIG.tdp_mmu and not CONFIG.mmio_caching
     assert DOC["kvm_params"]["tdp_mmu"] == "N"
