@@ -1,15 +1,21 @@
 """Time the state machines and the mutant hunt under the ci profile's budget.
 
 For each MMU configuration and faithful model: test cases per second and
-operations (steps) per second with generation only.  For each mutant: the
-time to the first failure (generation only), the time to a shrunk failure
-(generation and shrinking), and the shrunk length in rule steps.
+operations (steps) per second with generation only, beside a plain random
+walk over the same rules.  For each mutant, on the configuration its
+module's HUNT names (the one tests/quality runs): the time to the first
+failure (generation only) and to a shrunk failure (generation and
+shrinking), and the shrunk length in steps, with the mutant's own
+invariants checked as in tests/quality; the time to the first failure with
+every invariant checked; and a plain random walk's time and length to its
+first failure, with no shrinking.
 
-Usage: .venv/bin/python benchmarks/bench_machine.py
+Usage: .venv/bin/python benchmarks/bench_machine.py [--mutants NAME,...]
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 
@@ -20,21 +26,16 @@ from kvmsplit.properties.registry import INVARIANTS
 
 import kvmsplit.machine as machine
 from kvmsplit.models_registry import list_models, model_module
+from kvmsplit.profiles import profile_settings
 
 GENERATE = [Phase.generate]
 SHRINK = [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]
 
 
 def ci(phases: list[Phase]) -> settings:
+    """The ci profile, as tests/quality runs it, with only @phases."""
     return settings(
-        max_examples=60,
-        stateful_step_count=40,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=phases,
-        report_multiple_bugs=False,
-        suppress_health_check=list(HealthCheck),
+        profile_settings("ci"), phases=phases, report_multiple_bugs=False, suppress_health_check=list(HealthCheck)
     )
 
 
@@ -54,11 +55,15 @@ def throughput(mmu: str, model: str) -> tuple[int, int, float]:
 
 
 def hunt(
-    name: str, phases: list[Phase], mmu: str = "tdp", invariants: tuple[str, ...] | None = None
+    name: str,
+    phases: list[Phase],
+    mmu: str = "tdp",
+    invariants: tuple[str, ...] | None = None,
+    focus: str | None = None,
 ) -> tuple[float, int | None, str]:
     t = time.perf_counter()
     try:
-        run_state_machine_as_test(machine.machine_for(mmu, name, invariants), settings=ci(phases))
+        run_state_machine_as_test(machine.machine_for(mmu, name, invariants, focus=focus), settings=ci(phases))
     except Exception as e:  # any finding counts; its name is reported
         notes = "\n".join(getattr(e, "__notes__", []))
         steps = [ln for ln in notes.splitlines() if ln.strip().startswith("state.") and "teardown" not in ln]
@@ -126,6 +131,7 @@ def random_walk(
     steps: int = 40,
     seed: int = 0,
     invariants: tuple[str, ...] | None = None,
+    focus: str | None = None,
 ) -> tuple[int, int, float, str | None, int]:
     """(cases, ops, seconds, finding, failing length) of a plain walk that stops at the first finding."""
     rng = random.Random(seed)
@@ -146,7 +152,7 @@ def random_walk(
                     rng.choice(["none", "accessed", "zap"]),
                     rng.choice([0, 4, 5, 6, 7]),
                 ),
-                rng.choice(["none", "clear", "race", "unsync", "alias"]),
+                focus or rng.choice(machine.FOCUSES),
             )
             for step in range(steps):  # noqa: B007 - read after a finding
                 random_rules(state, rng)
@@ -158,7 +164,9 @@ def random_walk(
     return cases, ops, time.perf_counter() - t, None, 0
 
 
-def main() -> None:
+def main(only: list[str], no_throughput: bool) -> None:
+    if no_throughput:
+        return mutant_table(only)
     print("state machine throughput (ci profile, generation only)")
     print(f"{'mmu':<11} {'model':<7} {'cases':>6} {'ops':>6} {'time s':>7} {'cases/s':>8} {'ops/s':>7}")
     for mmu in ("tdp", "tdp-legacy", "shadow"):
@@ -174,34 +182,41 @@ def main() -> None:
             extra = f"  finding: {finding}" if finding else ""
             print(f"{mmu:<11} {model:<7} {n:>6} {ops:>6} {dt:>7.2f} {n / dt:>8.1f} {ops / dt:>7.0f}{extra}")
     print()
-    print("mutants (ci profile): every invariant on tdp first; else the mutant's own invariant alone,")
-    print("on the first configuration where the machine finds it")
+    mutant_table(only)
+
+
+def mutant_table(only: list[str]) -> None:
+    print("mutants (ci profile, on the configuration of each mutant's HUNT, its own invariants checked)")
     print(
-        f"{'mutant':<42} {'mmu':<10} {'checked':<7} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} "
-        f"{'stated':>6} {'walk s':>7} {'walk len':>8}  invariant"
+        f"{'mutant':<42} {'mmu':<6} {'focus':<8} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} "
+        f"{'stated':>6} {'all checked s':>13} {'walk s':>7} {'walk len':>8}  invariant"
     )
-    own = {inv.mutant: inv.name for inv in INVARIANTS.values() if inv.mutant}
-    for name in [m for m in list_models() if m.startswith("mutants/")]:
-        tries: list[tuple[str, tuple[str, ...] | None]] = [("tdp", None)]
-        if name in own:
-            tries += [(mmu, (own[name],)) for mmu in ("tdp", "tdp-legacy", "shadow")]
-        for mmu, invs in tries:
-            first, found, _ = hunt(name, GENERATE, mmu, invs)
-            if found is not None:
-                break
-        shrunk, steps, inv = hunt(name, SHRINK, mmu, invs)
-        _, _, walk_s, walk_finding, walk_len = random_walk(mmu, name, invariants=invs)
+    own: dict[str, tuple[str, ...]] = {}
+    for inv in INVARIANTS.values():
+        own[inv.mutant] = (*own.get(inv.mutant, ()), inv.name)
+    names = [m for m in list_models() if m.startswith("mutants/")]
+    if only:
+        names = [m for m in names if m in only]
+    for name in names:
+        h = model_module(name).HUNT
+        first, _, _ = hunt(name, GENERATE, h.mmu, own[name], h.focus)
+        shrunk, steps, inv = hunt(name, SHRINK, h.mmu, own[name], h.focus)
+        every, every_steps, _ = hunt(name, GENERATE, h.mmu, None, h.focus)
+        _, _, walk_s, walk_finding, walk_len = random_walk(h.mmu, name, invariants=own[name], focus=h.focus)
         stated = model_module(name).SHORTEST_TRACE
         shown = "-" if steps is None else str(steps)
-        walk = f"{walk_len:>8}" if walk_finding else f"{'-':>8}"
-        checked = "all" if invs is None else "alone"
-        if steps is None:
-            # Tried every configuration with its invariant alone; none found it.
-            mmu, checked = "none", "-"
+        every_shown = f"{every:>13.2f}" if every_steps is not None else f"{'none':>13}"
+        walk = f"{walk_s:>7.2f} {walk_len:>8}" if walk_finding else f"{'none':>7} {'-':>8}"
         print(
-            f"{name:<42} {mmu:<10} {checked:<7} {first:>15.2f} {shrunk:>9.2f} {shown:>5} {stated:>6} "
-            f"{walk_s:>7.2f} {walk}  {inv}"
+            f"{name:<42} {h.mmu:<6} {h.focus or '-':<8} {first:>15.2f} {shrunk:>9.2f} {shown:>5} {stated:>6} "
+            f"{every_shown} {walk}  {inv}",
+            flush=True,
         )
 
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mutants", default="", help="comma-separated mutant names (default: all)")
+    parser.add_argument("--no-throughput", action="store_true", help="only the mutant table")
+    opts = parser.parse_args()
+    main([m for m in opts.mutants.split(",") if m], opts.no_throughput)
