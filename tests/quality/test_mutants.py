@@ -28,7 +28,7 @@ from kvmsplit.machine import Hunt, StatedTrace, machine_for
 from kvmsplit.models_registry import list_models, load_model, model_module
 from kvmsplit.profiles import profile_settings
 from kvmsplit.spte import PG_LEVEL_1G, PG_LEVEL_2M
-from tests.helpers import EptBuilder, GiB, MiB, add_slot, new_vm, run, set_logging
+from tests.helpers import EptBuilder, GiB, MiB, add_slot, new_vm, on_a_fresh_stack, run, set_logging
 
 INIT_SET = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 MUTANTS = sorted(m for m in list_models() if m.startswith("mutants/"))
@@ -83,7 +83,7 @@ def test_state_machine_finds_the_mutant_and_shrinks_it(name: str) -> None:
     hunt = model_module(name).HUNT
     machine = machine_for(hunt.mmu, name, CAUGHT_BY[name], focus=hunt.focus)
     with pytest.raises(InvariantViolation) as excinfo:
-        run_state_machine_as_test(machine, settings=CI)
+        on_a_fresh_stack(lambda: run_state_machine_as_test(machine, settings=CI))
     assert excinfo.value.name in CAUGHT_BY[name]
     notes = "\n".join(getattr(excinfo.value, "__notes__", []))
     steps = [line for line in notes.splitlines() if line.strip().startswith("state.") and "teardown" not in line]
