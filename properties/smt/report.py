@@ -45,8 +45,10 @@ How the larger queries stay fast, and what they leave out:
   satisfiable iff not A or not B is.  "Maps every gfn or flushes" asks each
   entry for its mapping or its own flush request, which implies the claim
   with the split's flush; a counterexample is replayed on ints with the
-  split's real flush before it is reported.  The gfn to entry arithmetic
-  itself is `index_helpers_agree`.
+  split's real flush before it is reported.  It asks each entry twice,
+  once present before the loop and once empty (the loop's own branch),
+  which Z3 refutes in about half the time of the whole.  The gfn to entry
+  arithmetic itself is `index_helpers_agree`.
 - make_spte() takes its flags concretely (every combination is a case) and
   the pfn symbolically; the unsync check runs for real on a VM whose gfn is
   write-tracked or not, with no shadow pages to unsync.
