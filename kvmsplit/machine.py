@@ -254,8 +254,9 @@ class KvmMachine(RuleBasedStateMachine):
             self._enter_l2(shadowed)
             self.kvm_vcpu_run(shadowed, 4, "read")
         if initially_set or focus == "logging":
-            # The initially-set use: logging is on from the start and
-            # userspace harvests with KVM_CLEAR_DIRTY_LOG, which splits.
+            # Logging on from the start: the initially-set use, where
+            # userspace harvests with KVM_CLEAR_DIRTY_LOG, which splits, or
+            # the logging focus, where the enable itself splits.
             self.kvm_mmu_slot_apply_flags()
         if focus == "alias_1g" and self.nested:
             # L2's 1G page at 2 GiB aliases the 1G slot its page at 1 GiB maps
