@@ -22,7 +22,7 @@ import time
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 from kvmsplit.properties import invariants as _registers  # noqa: F401
-from kvmsplit.properties.registry import INVARIANTS
+from kvmsplit.properties.registry import by_mutant
 
 import kvmsplit.machine as machine
 from kvmsplit.models_registry import list_models, model_module
@@ -191,9 +191,7 @@ def mutant_table(only: list[str]) -> None:
         f"{'mutant':<42} {'mmu':<6} {'focus':<8} {'first failure s':>15} {'shrunk s':>9} {'steps':>5} "
         f"{'stated':>6} {'all checked s':>13} {'walk s':>7} {'walk len':>8}  invariant"
     )
-    own: dict[str, tuple[str, ...]] = {}
-    for inv in INVARIANTS.values():
-        own[inv.mutant] = (*own.get(inv.mutant, ()), inv.name)
+    own = by_mutant()
     names = [m for m in list_models() if m.startswith("mutants/")]
     if only:
         names = [m for m in names if m in only]

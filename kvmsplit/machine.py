@@ -25,10 +25,11 @@ import attrs
 from hypothesis import event, target
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import RULE_MARKER, RuleBasedStateMachine, initialize, precondition, rule
 
 from kvmsplit.errors import HarnessError
 from kvmsplit.guest import EPT_GPT, X86_GPT
+from kvmsplit.kvm import MMU_CONFIGS
 from kvmsplit.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from kvmsplit.profiles import freeze_hypothesis_constants
 from kvmsplit.scenarios import HVA_BASE as HVA
@@ -581,7 +582,6 @@ SIMPLEST_SETUP: dict[str, Any] = {
     "plan": NO_PLAN,
     "focus": "none",
 }
-MACHINE_MMUS = ("tdp", "tdp-legacy", "shadow")
 
 
 def _is_setup_draw(instance: Any, attribute: Any, value: dict[str, Any]) -> None:
@@ -594,7 +594,7 @@ def _is_setup_draw(instance: Any, attribute: Any, value: dict[str, Any]) -> None
 
 def _are_rules(instance: Any, attribute: Any, value: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
     for name, _args in value:
-        if not hasattr(getattr(KvmMachine, name, None), "hypothesis_stateful_rule"):
+        if not hasattr(getattr(KvmMachine, name, None), RULE_MARKER):
             raise HarnessError(f"{attribute.name}: {name!r} is not a rule of the state machine")
 
 
@@ -607,7 +607,7 @@ class StatedTrace:
     setup included, the unit a shrunk Hypothesis trace is counted in.
     """
 
-    mmu: str = attrs.field(default="tdp", validator=attrs.validators.in_(MACHINE_MMUS))
+    mmu: str = attrs.field(default="tdp", validator=attrs.validators.in_(MMU_CONFIGS))
     setup: dict[str, Any] = attrs.field(factory=dict, validator=_is_setup_draw, hash=False)
     rules: tuple[tuple[str, tuple[Any, ...]], ...] = attrs.field(default=(), converter=tuple, validator=_are_rules)
 
@@ -637,5 +637,5 @@ class Hunt:
     draws do not depend on what is checked until something fails.
     """
 
-    mmu: str = attrs.field(default="tdp", validator=attrs.validators.in_(MACHINE_MMUS))
+    mmu: str = attrs.field(default="tdp", validator=attrs.validators.in_(MMU_CONFIGS))
     focus: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(FOCUSES)))

@@ -77,3 +77,12 @@ def fail(name: str, message: str) -> None:
 
 def of_kind(kind: str) -> list[Invariant]:
     return [inv for inv in INVARIANTS.values() if inv.kind == kind]
+
+
+def by_mutant() -> dict[str, tuple[str, ...]]:
+    """Each mutant named by an @invariant(mutant=...), with the invariants that name it."""
+    out: dict[str, tuple[str, ...]] = {}
+    for inv in INVARIANTS.values():
+        if inv.mutant is not None:
+            out[inv.mutant] = (*out.get(inv.mutant, ()), inv.name)
+    return out

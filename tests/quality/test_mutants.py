@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
 from kvmsplit.properties import invariants as _registers_invariants  # noqa: F401
-from kvmsplit.properties.registry import INVARIANTS
+from kvmsplit.properties.registry import INVARIANTS, by_mutant
 
 from kvmsplit import shadow_mmu, x86
 from kvmsplit.checker import Checker
 from kvmsplit.errors import InvariantViolation
 from kvmsplit.kvm import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MIN_FREE_MMU_PAGES
-from kvmsplit.machine import Hunt, StatedTrace, machine_for
+from kvmsplit.machine import SIMPLEST_SETUP, Hunt, StatedTrace, machine_for, setup_draws
 from kvmsplit.models_registry import list_models, load_model, model_module
 from kvmsplit.profiles import profile_settings
 from kvmsplit.spte import PG_LEVEL_1G, PG_LEVEL_2M
@@ -34,9 +35,7 @@ INIT_SET = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 MUTANTS = sorted(m for m in list_models() if m.startswith("mutants/"))
 
 # Mutant -> the invariants whose @invariant(mutant=...) names it.
-CAUGHT_BY: dict[str, tuple[str, ...]] = {}
-for _inv in INVARIANTS.values():
-    CAUGHT_BY[_inv.mutant] = (*CAUGHT_BY.get(_inv.mutant, ()), _inv.name)
+CAUGHT_BY = by_mutant()
 
 # The ci profile as `kvmsplit check` runs it, stopping at the first failure.
 CI = settings(profile_settings("ci"), report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
@@ -46,6 +45,10 @@ def test_every_invariant_names_a_mutant_and_every_mutant_is_named() -> None:
     for inv in INVARIANTS.values():
         assert inv.mutant in MUTANTS, f"{inv.name} names no existing mutant: {inv.mutant!r}"
     assert set(CAUGHT_BY) == set(MUTANTS)
+
+
+def test_simplest_setup_names_every_setup_draw() -> None:
+    assert set(SIMPLEST_SETUP) == set(setup_draws(st.just("none")))
 
 
 @pytest.mark.parametrize("name", MUTANTS)
