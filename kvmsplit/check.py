@@ -28,12 +28,13 @@ from hypothesis.errors import HypothesisException
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvmsplit.errors import InvariantViolation, KvmBugOn
+from kvmsplit.kvm import MMU_CONFIGS
 from kvmsplit.machine import RARE_EVENTS, machine_for
 from kvmsplit.profiles import profile_settings
 from kvmsplit.reproducer import Finding
 from kvmsplit.trace import TraceConfig, TraceResult, run_trace
 
-MMUS = ("tdp", "tdp-legacy", "shadow")
+MMUS = MMU_CONFIGS
 
 
 @attrs.define

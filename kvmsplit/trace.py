@@ -21,7 +21,7 @@ import attrs
 from kvmsplit import mmu, x86
 from kvmsplit.errors import HarnessError, InvariantViolation, KvmBugOn
 from kvmsplit.guest import EPT_GPT, X86_GPT, guest_build_identity_map
-from kvmsplit.kvm import Kvm, KvmConfig
+from kvmsplit.kvm import MMU_CONFIGS, Kvm, KvmConfig
 from kvmsplit.memslot import dirty_bitmap_gfns
 
 TRACE_FORMAT = "kvmsplit-trace"
@@ -525,8 +525,8 @@ def parse_config(raw: Any) -> TraceConfig:
     cfg = TraceConfig(**raw)
     if not isinstance(cfg.mmu, str) or not isinstance(cfg.model, str):
         raise HarnessError("trace config: fields 'mmu' and 'model' must be strings")
-    if cfg.mmu not in ("tdp", "tdp-legacy", "shadow"):
-        raise HarnessError(f"trace config: field 'mmu' is {cfg.mmu!r}, not one of tdp, tdp-legacy, shadow")
+    if cfg.mmu not in MMU_CONFIGS:
+        raise HarnessError(f"trace config: field 'mmu' is {cfg.mmu!r}, not one of {', '.join(MMU_CONFIGS)}")
     for name in ("eager_page_split", "nx_huge_pages", "pml"):
         if not isinstance(getattr(cfg, name), bool):
             raise HarnessError(f"trace config: field {name!r} must be true or false")
